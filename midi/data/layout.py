@@ -1,0 +1,163 @@
+"""The on-disk layout "midi-scenes" (version 1) and helpers to name its files.
+
+Layout::
+
+    <root>/
+      manifest.json                 # written last; lists every finished scene and the splits
+      scenes/<scene_id>/
+        scene.json                  # written last inside the scene; its presence = scene finished
+        surfaces/<object>.npy       # dict {"surface_points", "surface_normals"} (or .npz)
+        views/<view>.png            # scene image (RGB)
+        views/<view>_ids.png        # instance ids: 0 = background, k+1 = objects[k]
+
+Everything here is standard library only, so the reading side stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+FORMAT = "midi-scenes"
+VERSION = 1
+MANIFEST = "manifest.json"
+SCENE_JSON = "scene.json"
+SCENES_DIR = "scenes"
+SURFACES_DIR = "surfaces"
+VIEWS_DIR = "views"
+TMP_MARK = ".tmp-"
+SPLITS = ("train", "val", "test")
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(name: str, fallback: str = "item") -> str:
+    """Turns any text into a safe file name (letters, digits, ``._-``), never empty or hidden.
+
+    Args:
+        name: The text (a file stem, a node name, a room path...).
+        fallback: Used when nothing safe is left.
+
+    Returns:
+        The safe name.
+    """
+    text = _UNSAFE.sub("_", name).strip("._-")
+    # ".tmp-" marks scenes being written; a scene id must never look like one.
+    text = text.replace(TMP_MARK, "_tmp-")
+    return text or fallback
+
+
+def unique_names(names: Iterable[str]) -> list[str]:
+    """Makes names unique (case-insensitively, for case-folding file systems) with ``_2``, ``_3``....
+
+    Args:
+        names: Safe names, possibly repeated.
+
+    Returns:
+        The names in the same order, repeats suffixed.
+    """
+    seen: set[str] = set()
+    out = []
+    for name in names:
+        candidate, k = name, 2
+        while candidate.lower() in seen:
+            candidate, k = f"{name}_{k}", k + 1
+        seen.add(candidate.lower())
+        out.append(candidate)
+    return out
+
+
+def view_name(index: int) -> str:
+    """Returns the name of view ``index`` (``view_00``, ``view_01``...)."""
+    return f"view_{index:02d}"
+
+
+def scene_dir(root: Path, scene_id: str) -> Path:
+    """Returns ``<root>/scenes/<scene_id>``."""
+    return Path(root) / SCENES_DIR / scene_id
+
+
+def surface_path(scene: Path, object_name: str, surface_format: str = "npy") -> Path:
+    """Returns the surface file of one object inside a scene folder."""
+    return Path(scene) / SURFACES_DIR / f"{object_name}.{surface_format}"
+
+
+def view_paths(scene: Path, view: str) -> tuple[Path, Path]:
+    """Returns ``(image, id map)`` of one view inside a scene folder."""
+    base = Path(scene) / VIEWS_DIR
+    return base / f"{view}.png", base / f"{view}_ids.png"
+
+
+def is_finished(scene: Path) -> bool:
+    """True when the scene folder holds its ``scene.json`` (written last, so the scene is complete)."""
+    return (Path(scene) / SCENE_JSON).is_file()
+
+
+def is_tmp_name(name: str) -> bool:
+    """True for the temporary names used while writing (never part of a dataset)."""
+    return TMP_MARK in name
+
+
+def read_json(path: Path) -> object:
+    """Reads a JSON file (UTF-8)."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def detect_layout(root: Path) -> str | None:
+    """Detects which dataset layout a folder holds.
+
+    Args:
+        root: The folder.
+
+    Returns:
+        ``"midi-scenes"`` (our manifest), ``"3d-front"`` (the MIDI authors' layout) or None.
+    """
+    root = Path(root)
+    if (root / MANIFEST).is_file():
+        return FORMAT
+    from midi.data.front3d import is_front3d_root
+
+    return "3d-front" if is_front3d_root(root) else None
+
+
+def split_unit(seed: int, scene_id: str) -> float:
+    """A stable pseudo-random number in [0, 1) per scene, so a scene keeps its split across runs."""
+    return zlib.crc32(f"{seed}:{scene_id}".encode()) / 2**32
+
+
+def assign_splits(
+    scene_ids: Sequence[str], val_fraction: float = 0.1, test_fraction: float = 0.0, seed: int = 0
+) -> dict[str, list[str]]:
+    """Assigns scenes to train/val/test from a seeded hash of each id.
+
+    The split of a scene depends only on its id and the seed, so adding scenes in a later run
+    does not move earlier ones. With two or more scenes and ``val_fraction > 0`` at least one
+    scene goes to val (the one with the smallest hash among the train scenes).
+
+    Args:
+        scene_ids: All scene ids.
+        val_fraction: Expected fraction of val scenes.
+        test_fraction: Expected fraction of test scenes.
+        seed: Split seed.
+
+    Returns:
+        ``{"train": [...], "val": [...], "test": [...]}``, each sorted.
+    """
+    splits: dict[str, list[str]] = {name: [] for name in SPLITS}
+    units = {sid: split_unit(seed, sid) for sid in scene_ids}
+    for sid, u in units.items():
+        if u < test_fraction:
+            splits["test"].append(sid)
+        elif u < test_fraction + val_fraction:
+            splits["val"].append(sid)
+        else:
+            splits["train"].append(sid)
+    if val_fraction > 0 and not splits["val"] and len(splits["train"]) >= 2:
+        pick = min(splits["train"], key=lambda s: units[s])
+        splits["train"].remove(pick)
+        splits["val"].append(pick)
+    return {name: sorted(ids) for name, ids in splits.items()}

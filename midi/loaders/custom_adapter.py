@@ -1,0 +1,270 @@
+"""MIDI's custom adapter: multi-instance processors, the 7-channel DINOv2 and LoRA, saved as one file.
+
+File format (upstream-compatible): one state dict whose keys are the model state-dict names
+prefixed with ``transformer.``, ``image_encoder_1.`` or ``image_encoder_2.``; PEFT LoRA keys carry
+the adapter name, e.g. ``transformer.blocks.0.attn1.to_q.lora_A.default.weight``. Safetensors
+(metadata ``{"format": "pt"}``) by default; a pickle file is read only with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from peft import LoraConfig
+import transformers
+from transformers import Dinov2Model
+
+from midi.models.attention_processor import MIAttnProcessor2_0
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_PREFIXES = ("transformer.", "image_encoder_1.", "image_encoder_2.")
+DEFAULT_MI_BLOCKS = ["blocks.8", "blocks.9", "blocks.10", "blocks.11", "blocks.12"]
+PATCH_PROJECTION_KEY = "embeddings.patch_embeddings.projection.weight"
+
+
+class AdapterError(ValueError):
+    """A custom-adapter file does not fit the pipeline it is loaded into."""
+
+
+def expand_patch_projection(weight: torch.Tensor, num_channels: int, method: str = "clone") -> torch.Tensor:
+    """Widens a ViT patch projection ``(O, C, k, k)`` to ``num_channels`` inputs.
+
+    The original channels come first; the rest are filled in chunks of at most ``C`` channels
+    that copy channels ``0, 1, ...`` (``"clone"``: for C=3 -> 7 this gives ``[0,1,2,0,1,2,0]``)
+    or are zero (``"zero"``). No rescaling, as upstream.
+    """
+    if method not in ("clone", "zero"):
+        raise ValueError(f"image_encoder_2_init_projection_method must be 'clone' or 'zero', got {method!r}")
+    original = weight.shape[1]
+    parts = [weight]
+    left = num_channels - original
+    while left > 0:
+        chunk = weight[:, : min(original, left)]
+        parts.append(chunk.clone() if method == "clone" else torch.zeros_like(chunk))
+        left -= original
+    return torch.cat(parts, dim=1)
+
+
+def set_mi_attention(
+    transformer: torch.nn.Module, self_attn_module_names: Sequence[str] | None, exact: bool = False
+) -> list[str]:
+    """Installs MIDI's processors: multi-instance self-attention in the named blocks, plain elsewhere.
+
+    Args:
+        transformer: the DiT.
+        self_attn_module_names: block names such as ``"blocks.8"``; None selects every block.
+        exact: match block names exactly. The default is upstream's prefix match, under which
+            ``"blocks.1"`` also selects ``blocks.10``-``blocks.19`` (a warning says so).
+
+    Returns:
+        The processor names that got multi-instance attention.
+
+    Raises:
+        ValueError: a name that selects no block.
+    """
+    names = list(transformer.attn_processors)
+
+    def selected(name: str, wanted: str) -> bool:
+        block = name.rsplit(".attn", 1)[0]
+        return block == wanted if exact else name.startswith(wanted)
+
+    if self_attn_module_names is not None:
+        self_names = [n for n in names if n.endswith("attn1.processor")]
+        for wanted in self_attn_module_names:
+            hits = [n.rsplit(".attn", 1)[0] for n in self_names if selected(n, wanted)]
+            if not hits:
+                raise ValueError(f"set_self_attn_module_names: {wanted!r} selects no transformer block "
+                                 f"(valid: blocks.0..blocks.{len(self_names) - 1})")
+            if len(hits) > 1:
+                logger.warning("set_self_attn_module_names: %r prefix-matches %s (upstream behaviour); "
+                               "pass exact block names to select one block", wanted, hits)
+    chosen = []
+    processors = {}
+    for name in names:
+        use_mi = name.endswith("attn1.processor") and (
+            self_attn_module_names is None or any(selected(name, w) for w in self_attn_module_names)
+        )
+        processors[name] = MIAttnProcessor2_0(use_mi=use_mi)
+        if use_mi:
+            chosen.append(name)
+    transformer.set_attn_processor(processors)
+    return chosen
+
+
+def _state_dict_for_save(model: torch.nn.Module | None, prefix: str, include: Sequence[str], exclude: Sequence[str]) -> dict:
+    if model is None:
+        return {}
+    return {
+        prefix + k: v.detach().contiguous()
+        for k, v in model.state_dict().items()
+        if any(s in k for s in include) and not any(s in k for s in exclude)
+    }
+
+
+def read_adapter_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Reads a safetensors file, or a pickle with ``weights_only=True``; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"{path}: adapter file not found")
+    try:
+        if path.suffix == ".safetensors":
+            return safetensors.torch.load_file(str(path), device="cpu")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt/truncated files surface as many exception types
+        raise AdapterError(f"{path}: cannot read adapter weights ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AdapterError(f"{path}: expected a dict of tensors")
+    return state
+
+
+class CustomAdapterMixin:
+    """``init_custom_adapter`` / ``load_custom_adapter`` / ``save_custom_adapter`` for MIDIPipeline."""
+
+    def init_custom_adapter(
+        self,
+        set_self_attn_module_names: Sequence[str] | None = None,
+        pretrained_image_encoder_2_processor_config: dict[str, Any] | None = None,
+        image_encoder_2_input_channels: int = 7,
+        image_encoder_2_init_projection_method: str = "clone",
+        transformer_lora_config: dict[str, Any] | None = None,
+        image_encoder_1_lora_config: dict[str, Any] | None = None,
+        image_encoder_2_lora_config: dict[str, Any] | None = None,
+        exact_module_names: bool = False,
+    ) -> None:
+        """Prepares the pipeline for MIDI: processors, DINOv2 input channels and optional LoRA.
+
+        Steps, in upstream order: (1) rebuild ``feature_extractor_2`` with the overrides;
+        (2) widen DINOv2's patch projection when it has fewer than
+        ``image_encoder_2_input_channels`` inputs (the released weights already have 7);
+        (3) multi-instance self-attention on ``set_self_attn_module_names`` (all blocks if None),
+        plain processors elsewhere; (4) for each of transformer / image_encoder_1 /
+        image_encoder_2 a PEFT LoRA adapter named "default" from the given ``LoraConfig`` kwargs,
+        or the whole model frozen when no config is given. ``exact_module_names=True`` matches
+        block names exactly instead of upstream's prefix match.
+        """
+        if pretrained_image_encoder_2_processor_config is not None:
+            processor_cls = getattr(transformers, "BitImageProcessorPil", None) or transformers.BitImageProcessor
+            self.feature_extractor_2 = processor_cls.from_dict(
+                self.feature_extractor_2.to_dict(), **pretrained_image_encoder_2_processor_config
+            )
+        encoder = self.image_encoder_2
+        if encoder.config.num_channels < image_encoder_2_input_channels:
+            state = encoder.state_dict()
+            state[PATCH_PROJECTION_KEY] = expand_patch_projection(
+                state[PATCH_PROJECTION_KEY], image_encoder_2_input_channels, image_encoder_2_init_projection_method
+            )
+            config = encoder.config
+            config.num_channels = image_encoder_2_input_channels
+            widened = Dinov2Model(config)
+            widened.load_state_dict(state, strict=True)
+            self.register_modules(image_encoder_2=widened.to(device=self.device, dtype=self.dtype).eval())
+
+        set_mi_attention(self.transformer, set_self_attn_module_names, exact=exact_module_names)
+
+        for name, config in (
+            ("transformer", transformer_lora_config),
+            ("image_encoder_1", image_encoder_1_lora_config),
+            ("image_encoder_2", image_encoder_2_lora_config),
+        ):
+            model = getattr(self, name)
+            if config is not None:
+                model.add_adapter(config if isinstance(config, LoraConfig) else LoraConfig(**config))
+            else:
+                model.requires_grad_(False)
+
+    def save_custom_adapter(
+        self,
+        save_directory: str | os.PathLike,
+        weight_name: str,
+        safe_serialization: bool = True,
+        include_keys: Sequence[str] | None = None,
+        exclude_keys: Sequence[str] | None = None,
+    ) -> Path:
+        """Writes the selected weights of the three trainable models to one file (atomically).
+
+        Args:
+            save_directory: folder (created if needed).
+            weight_name: file name, e.g. ``custom_adapter.safetensors``.
+            safe_serialization: safetensors (default) or a torch pickle.
+            include_keys: keep keys containing any of these substrings. Upstream saves nothing
+                when this is None; here None means ``["lora"]`` (the LoRA weights).
+            exclude_keys: drop keys containing any of these substrings.
+
+        Returns:
+            The written file.
+        """
+        include = list(include_keys) if include_keys is not None else ["lora"]
+        exclude = list(exclude_keys or [])
+        state = {}
+        for prefix in ADAPTER_PREFIXES:
+            state.update(_state_dict_for_save(getattr(self, prefix[:-1], None), prefix, include, exclude))
+        if not state:
+            raise AdapterError(f"save_custom_adapter: no weights match include_keys={include} (was a LoRA added?)")
+        save_directory = Path(save_directory)
+        if save_directory.is_file():
+            raise AdapterError(f"{save_directory} is a file; save_custom_adapter needs a directory")
+        save_directory.mkdir(parents=True, exist_ok=True)
+        target = save_directory / weight_name
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        if safe_serialization:
+            safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt"})
+        else:
+            torch.save(state, tmp)
+        os.replace(tmp, target)
+        return target
+
+    def load_custom_adapter(
+        self,
+        pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
+        weight_name: str | None = None,
+        subfolder: str | None = None,
+        strict: bool = True,
+    ) -> None:
+        """Loads a custom-adapter file (or dict) written by :meth:`save_custom_adapter`.
+
+        ``init_custom_adapter`` must have been called with the same LoRA configs first, so that
+        the LoRA modules exist. Unlike upstream (``strict=False``, mismatches ignored), a key that
+        matches no parameter, or a shape that differs, raises :class:`AdapterError` naming it.
+        """
+        if isinstance(pretrained_model_name_or_path_or_dict, dict):
+            state, source = pretrained_model_name_or_path_or_dict, "<dict>"
+        else:
+            path = Path(pretrained_model_name_or_path_or_dict)
+            if subfolder:
+                path = path / subfolder
+            if weight_name is not None:
+                path = path / weight_name
+            state, source = read_adapter_file(path), str(path)
+        unknown = [k for k in state if not k.startswith(ADAPTER_PREFIXES)]
+        if unknown:
+            raise AdapterError(f"{source}: keys without a transformer./image_encoder_1./image_encoder_2. prefix: {unknown[:3]}")
+        for prefix in ADAPTER_PREFIXES:
+            part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if part:
+                self._load_part(getattr(self, prefix[:-1]), part, prefix[:-1], source, strict)
+
+    @staticmethod
+    def _load_part(model: torch.nn.Module, part: dict, name: str, source: str, strict: bool) -> None:
+        own = model.state_dict()
+        missing_targets = [k for k in part if k not in own]
+        if missing_targets and strict:
+            hint = " (call init_custom_adapter with the LoRA config the adapter was trained with first)" if any(
+                "lora" in k for k in missing_targets) else ""
+            raise AdapterError(
+                f"{source}: {len(missing_targets)} {name} key(s) match no parameter, e.g. {missing_targets[0]!r}{hint}"
+            )
+        for key, value in part.items():
+            if key in own and own[key].shape != value.shape:
+                raise AdapterError(
+                    f"{source}: {name}.{key} has shape {tuple(value.shape)} but the model expects {tuple(own[key].shape)}"
+                    " (different LoRA rank or base model?)"
+                )
+        model.load_state_dict({k: v for k, v in part.items() if k in own}, strict=False)

@@ -1,0 +1,176 @@
+"""Loading a MIDI-3D pipeline folder (the released ``VAST-AI/MIDI-3D`` layout) component by component.
+
+``model_index.json`` names the custom classes by module path; rather than letting diffusers
+resolve those strings, each sub-folder is loaded with the class this toolkit uses for that
+component, after checking that every weight file has exactly the keys and shapes the config
+implies. Any problem is one :class:`PipelineLoadError` naming the component, key and shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from safetensors import safe_open
+
+from midi.models.autoencoders.autoencoder_kl_triposg import TripoSGVAEModel
+from midi.models.transformers.triposg_transformer import TripoSGDiTModel
+from midi.schedulers.scheduling_rectified_flow import RectifiedFlowScheduler
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = (
+    "vae", "transformer", "scheduler", "image_encoder_1", "image_encoder_2", "feature_extractor_1", "feature_extractor_2",
+)
+CUSTOM_CLASSES = {"transformer": TripoSGDiTModel, "vae": TripoSGVAEModel, "scheduler": RectifiedFlowScheduler}
+TRANSFORMERS_ALLOWED = {
+    "image_encoder_1": ("CLIPVisionModelWithProjection",),
+    "image_encoder_2": ("Dinov2Model",),
+    "feature_extractor_1": ("CLIPImageProcessor", "CLIPImageProcessorPil", "CLIPImageProcessorFast"),
+    "feature_extractor_2": ("BitImageProcessor", "BitImageProcessorPil", "BitImageProcessorFast"),
+}
+
+
+class PipelineLoadError(ValueError):
+    """A pipeline folder cannot be loaded as a MIDI-3D pipeline."""
+
+
+def resolve_pipeline_folder(path: str | Path) -> Path:
+    """A local folder as is; otherwise a Hub repo id already in the local cache (no download)."""
+    folder = Path(path)
+    if folder.is_dir():
+        return folder
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path), local_files_only=True))
+    except Exception:
+        raise PipelineLoadError(
+            f"{path}: not a folder, and not a Hub repo id in the local cache (download it first, e.g. "
+            "`huggingface-cli download VAST-AI/MIDI-3D --local-dir pretrained_weights/MIDI-3D`)"
+        ) from None
+
+
+def read_model_index(folder: Path) -> dict[str, Any]:
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise PipelineLoadError(f"{folder}: no model_index.json (is this a MIDI-3D pipeline folder?)")
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise PipelineLoadError(f"{index_file}: invalid JSON ({exc})") from None
+    missing = [c for c in COMPONENTS if c not in index]
+    if missing:
+        raise PipelineLoadError(f"{index_file}: component(s) {missing} missing; a MIDI pipeline has {list(COMPONENTS)}")
+    for name in COMPONENTS:
+        if not (folder / name).is_dir():
+            raise PipelineLoadError(f"{folder}: component '{name}' is listed in model_index.json but {name}/ is missing")
+    return index
+
+
+def _weight_shapes(folder: Path) -> tuple[dict[str, tuple[int, ...]], Path] | None:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except Exception as exc:
+            raise PipelineLoadError(f"{file}: unreadable safetensors file ({exc})") from None
+    return shapes, files[0]
+
+
+def check_weights(name: str, model_cls: type, folder: Path) -> None:
+    """Compares the weight files with a meta-device build of ``model_cls`` from ``config.json``."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise PipelineLoadError(f"{folder}: component '{name}' has no config.json")
+    found = _weight_shapes(folder)
+    if found is None:
+        if not any(folder.glob("*.bin")):
+            raise PipelineLoadError(f"{folder}: component '{name}' has no weight file (*.safetensors)")
+        return  # legacy pickle weights: diffusers' own strict loading reports problems
+    shapes, file = found
+    config = {k: v for k, v in json.loads(config_file.read_text()).items() if not k.startswith("_")}
+    try:
+        with torch.device("meta"):
+            model = model_cls.from_config(config)
+    except TypeError as exc:
+        raise PipelineLoadError(f"{config_file}: config does not fit {model_cls.__name__} ({exc})") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise PipelineLoadError(
+            f"{file}: component '{name}' keys do not match {model_cls.__name__}({config_file.name}): "
+            f"{len(missing)} missing, {len(unexpected)} unexpected, e.g. {detail}"
+        )
+    for key, shape in expected.items():
+        if shapes[key] != shape:
+            raise PipelineLoadError(
+                f"{file}: component '{name}' key {key!r} expected shape {shape}, found {shapes[key]}"
+            )
+
+
+def _load_transformers_component(name: str, library: str, class_name: str, folder: Path, dtype) -> Any:
+    allowed = TRANSFORMERS_ALLOWED[name]
+    if library != "transformers" or class_name not in allowed:
+        raise PipelineLoadError(
+            f"model_index.json: component '{name}' is [{library!r}, {class_name!r}]; expected transformers {allowed[0]}"
+        )
+    if name.startswith("feature_extractor"):
+        # The PIL-backed processors are what upstream (transformers 4.49) computed with; the
+        # torchvision-backed ones give slightly different pixel values.
+        cls = getattr(transformers, f"{allowed[0]}Pil", None) or getattr(transformers, allowed[0])
+        return cls.from_pretrained(str(folder))
+    cls = getattr(transformers, allowed[0])
+    model, info = cls.from_pretrained(str(folder), dtype=dtype, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys", "unexpected_keys") and v}
+    if problems:
+        kind, keys = next(iter(problems.items()))
+        raise PipelineLoadError(f"{folder}: component '{name}' weights do not fit its config: {kind} {list(keys)[:3]}")
+    return model.eval()
+
+
+def load_components(path: str | Path, torch_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Loads and validates the seven components of a MIDI-3D pipeline folder.
+
+    Args:
+        path: pipeline folder (or a cached Hub repo id).
+        torch_dtype: dtype for the models (default: as stored, float32 for custom models).
+
+    Returns:
+        Keyword arguments for ``MIDIPipeline(...)``.
+
+    Raises:
+        PipelineLoadError: missing component, unknown class, wrong keys or shapes.
+    """
+    folder = resolve_pipeline_folder(path)
+    index = read_model_index(folder)
+    components: dict[str, Any] = {}
+    for name in COMPONENTS:
+        entry = index[name]
+        if not (isinstance(entry, list | tuple) and len(entry) == 2):
+            raise PipelineLoadError(f"model_index.json: component '{name}' must be [library, class], got {entry!r}")
+        library, class_name = entry
+        sub = folder / name
+        if name in CUSTOM_CLASSES:
+            cls = CUSTOM_CLASSES[name]
+            if class_name != cls.__name__:
+                logger.warning("model_index.json names %s for '%s'; loading it as %s", class_name, name, cls.__name__)
+            if name == "scheduler":
+                components[name] = cls.from_pretrained(str(sub))
+                continue
+            check_weights(name, cls, sub)
+            components[name] = cls.from_pretrained(str(sub), torch_dtype=torch_dtype).eval()
+        else:
+            components[name] = _load_transformers_component(name, library, class_name, sub, torch_dtype)
+    return components
