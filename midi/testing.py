@@ -56,8 +56,8 @@ def tiny_pipeline(seed: int = 0, noise_std: float = 0.05) -> MIDIPipeline:
     clip, dino, transformer, vae = models
     size = {"shortest_edge": TINY_IMAGE_SIZE}
     crop = {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
-    clip_processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
-    bit_processor = getattr(transformers, "BitImageProcessorPil", transformers.BitImageProcessor)
+    clip_processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    bit_processor = getattr(transformers, "BitImageProcessorPil", None) or transformers.BitImageProcessor
     pipe = MIDIPipeline(
         vae=vae,
         transformer=transformer,

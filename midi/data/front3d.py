@@ -1,0 +1,124 @@
+"""The 3D-Front layout published by the MIDI authors (standard library only).
+
+::
+
+    <root>/
+      midi_room_ids.json         # ["<house>/<room>", ...]   (or valid_room_ids.json; .txt lists too)
+      midi_furniture_ids.json    # [[object names of room 0], [object names of room 1], ...]
+      3D-FRONT-RENDER/<house>/<room>/render_0000.webp, rerender_0003.webp, semantic_0000.png ...
+      3D-FRONT-SURFACE/<house>/<room>/<object>.npy
+      3D-FRONT-SCENE/<house>/<room>/<object>.glb           (not needed here)
+
+The id map of ``<prefix>_<name>.<ext>`` is ``semantic_<name>.png`` in the same folder; pixel
+value k+1 is object k of the room's furniture list, 0 is background.
+
+Splits (our choice, documented): the last ``min(1000, n // 10)`` rooms are test (the MIDI README
+names the last 1000 rooms of ``midi_room_ids.json`` as its test set); the ``min(20, max(1, n // 20))``
+rooms before them are val; the rest are train. Upstream's val overlaps train and test; ours does not.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from midi.data.errors import DataError
+from midi.data.layout import safe_name
+
+RENDER_DIR = "3D-FRONT-RENDER"
+SURFACE_DIR = "3D-FRONT-SURFACE"
+SCENE_DIR = "3D-FRONT-SCENE"
+LIST_PAIRS = (("midi_room_ids", "midi_furniture_ids"), ("valid_room_ids", "valid_furniture_ids"))
+IMAGE_PREFIXES = ("render", "rerender")
+IDMAP_PREFIX = "semantic"
+IMAGE_SUFFIXES = (".webp", ".png", ".jpg", ".jpeg")
+
+
+def _list_file(root: Path, stem: str) -> Path | None:
+    for suffix in (".json", ".txt"):
+        if (root / f"{stem}{suffix}").is_file():
+            return root / f"{stem}{suffix}"
+    return None
+
+
+def is_front3d_root(root: Path) -> bool:
+    """True when ``root`` has the surface folder and a room list."""
+    root = Path(root)
+    return (root / SURFACE_DIR).is_dir() and any(_list_file(root, rooms) for rooms, _ in LIST_PAIRS)
+
+
+def _read_list(path: Path) -> list:
+    if path.suffix == ".txt":
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list")
+    return data
+
+
+def read_rooms(root: Path) -> list[tuple[str, list[str]]]:
+    """Reads the room list and the parallel furniture lists (the ``midi_*`` pair when present).
+
+    Returns:
+        ``[(room path "<house>/<room>", [object names]), ...]`` in file order.
+
+    Raises:
+        DataError: No lists, or lists of different lengths.
+    """
+    root = Path(root)
+    for rooms_stem, furniture_stem in LIST_PAIRS:
+        rooms_file, furniture_file = _list_file(root, rooms_stem), _list_file(root, furniture_stem)
+        if rooms_file and furniture_file:
+            rooms, furniture = _read_list(rooms_file), _read_list(furniture_file)
+            if len(rooms) != len(furniture):
+                raise DataError(f"{rooms_file.name} lists {len(rooms)} rooms but {furniture_file.name} {len(furniture)}")
+            return [(str(r), [str(n) for n in names]) for r, names in zip(rooms, furniture)]
+    raise DataError(f"{root}: no room list with furniture list (midi_room_ids/midi_furniture_ids)")
+
+
+def room_scene_id(room: str) -> str:
+    """The scene id of a room, ``<house>-<room>`` (as upstream names samples)."""
+    return safe_name(room.strip("/").replace("/", "-"), fallback="room")
+
+
+def room_views(root: Path, room: str) -> list[tuple[Path, Path, str]]:
+    """Lists the views of a room that have both an image and an id map.
+
+    Returns:
+        ``[(image, id map, "<prefix>_<name>"), ...]``, render views first, names sorted.
+    """
+    folder = Path(root) / RENDER_DIR / room
+    if not folder.is_dir():
+        return []
+    files = {p.name: p for p in folder.iterdir()}
+    views = []
+    for prefix in IMAGE_PREFIXES:
+        for name in sorted(files):
+            stem, dot, suffix = name.rpartition(".")
+            if not dot or not stem.startswith(prefix + "_") or f".{suffix.lower()}" not in IMAGE_SUFFIXES:
+                continue
+            key = stem[len(prefix) + 1 :]
+            # Upstream strips these variant tags when deriving the id map's name.
+            plain = key.replace("_controlnet", "").replace("_inpaint", "")
+            idmap = files.get(f"{IDMAP_PREFIX}_{plain}.png")
+            if idmap is not None:
+                views.append((files[name], idmap, f"{prefix}_{key}"))
+    return views
+
+
+def surface_paths(root: Path, room: str, names: list[str]) -> list[Path]:
+    """Returns ``3D-FRONT-SURFACE/<room>/<name>.npy`` for every object."""
+    return [Path(root) / SURFACE_DIR / room / f"{name}.npy" for name in names]
+
+
+def split_indices(count: int) -> dict[str, range]:
+    """Index ranges of the train/val/test rooms (see the module docstring)."""
+    n_test = min(1000, count // 10)
+    n_val = min(20, max(1, count // 20)) if count - n_test >= 2 else 0
+    train_end = count - n_test - n_val
+    return {
+        "train": range(0, train_end),
+        "val": range(train_end, train_end + n_val),
+        "test": range(train_end + n_val, count),
+    }

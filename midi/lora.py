@@ -1,0 +1,286 @@
+"""LoRA helpers: configs, export in two formats, format detection and loading into a pipeline.
+
+An exported adapter folder (``lora-final/`` or ``checkpoint-N/lora/``) holds:
+
+- ``adapter_config.json`` + ``adapter_model.safetensors``: the transformer's PEFT adapter
+  (standard PEFT layout; image-encoder adapters, when trained, in ``image_encoder_1/`` and
+  ``image_encoder_2/`` sub-folders of the same layout);
+- ``custom_adapter.safetensors``: everything in upstream MIDI's ``save_custom_adapter`` format;
+- ``midi_adapter.json``: what inference needs to rebuild the model (multi-instance blocks, the
+  LoRA configs, the base transformer's config) and the export check's result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from midi.loaders.custom_adapter import AdapterError, read_adapter_file
+
+DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+ADAPTER_MODELS = ("transformer", "image_encoder_1", "image_encoder_2")
+METADATA_FILE = "midi_adapter.json"
+CUSTOM_ADAPTER_FILE = "custom_adapter.safetensors"
+
+
+def lora_config_dict(
+    rank: int = 16,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    target_modules: Sequence[str] | str = tuple(DEFAULT_TARGET_MODULES),
+    init_lora_weights: bool | str = True,
+    use_dora: bool = False,
+    use_rslora: bool = False,
+) -> dict[str, Any]:
+    """Keyword arguments for ``peft.LoraConfig`` (what ``init_custom_adapter`` takes).
+
+    ``init_lora_weights=True`` zero-initialises B, so the adapted model starts as the base model.
+    """
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    return dict(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                init_lora_weights=init_lora_weights, use_dora=use_dora, use_rslora=use_rslora)
+
+
+def matched_lora_targets(model: torch.nn.Module, target_modules: Sequence[str] | str) -> list[str]:
+    """Names of the modules PEFT would wrap (suffix match on ``.``-boundaries, or a full regex)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if isinstance(target_modules, str):
+        return [n for n in names if re.fullmatch(target_modules, n)]
+    return [n for n in names if any(n == t or n.endswith("." + t) for t in target_modules)]
+
+
+def lora_state_dicts(pipe) -> dict[str, dict[str, torch.Tensor]]:
+    """PEFT state dicts (adapter name stripped) of every model that carries a LoRA adapter."""
+    out = {}
+    for name in ADAPTER_MODELS:
+        model = getattr(pipe, name)
+        if getattr(model, "peft_config", None):
+            out[name] = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    return out
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def export_lora(
+    pipe, out_dir: str | os.PathLike, mi_blocks: Sequence[str] | None, extra_metadata: dict[str, Any] | None = None
+) -> Path:
+    """Writes the adapters of ``pipe`` (see the module docstring for the layout).
+
+    The folder is assembled under a temporary name and renamed, so a crash never leaves a
+    half-written adapter.
+
+    Returns:
+        The folder.
+    """
+    out_dir = Path(out_dir)
+    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    if tmp_dir.exists():
+        _rmtree(tmp_dir)
+    tmp_dir.mkdir(parents=True)
+    states = lora_state_dicts(pipe)
+    if not states:
+        raise AdapterError("export_lora: the pipeline has no LoRA adapter")
+    configs = {}
+    for name, state in states.items():
+        target = tmp_dir if name == "transformer" else tmp_dir / name
+        target.mkdir(exist_ok=True)
+        config = getattr(pipe, name).peft_config["default"]
+        config.save_pretrained(str(target))
+        _atomic_safetensors(target / "adapter_model.safetensors", state, {"format": "pt"})
+        configs[name] = _config_to_dict(config)
+    pipe.save_custom_adapter(tmp_dir, CUSTOM_ADAPTER_FILE, safe_serialization=True, include_keys=["lora"])
+    metadata = {
+        "format": "midi-lora",
+        "version": 1,
+        "mi_blocks": list(mi_blocks) if mi_blocks is not None else None,
+        "lora_configs": configs,
+        "base_transformer_config": {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")},
+        **(extra_metadata or {}),
+    }
+    _atomic_json(tmp_dir / METADATA_FILE, metadata)
+    if out_dir.exists():
+        _rmtree(out_dir)
+    os.replace(tmp_dir, out_dir)
+    return out_dir
+
+
+def _config_to_dict(config: LoraConfig) -> dict[str, Any]:
+    keep = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora", "init_lora_weights")
+    data = {k: getattr(config, k) for k in keep}
+    if isinstance(data["target_modules"], set):
+        data["target_modules"] = sorted(data["target_modules"])
+    return data
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class LoadedAdapter:
+    """What was found at a LoRA path: per-model LoRA configs and weights, in one of three formats."""
+
+    source: Path
+    format: str  # "midi-lora" | "peft" | "custom-adapter"
+    lora_configs: dict[str, dict[str, Any]]
+    weights: dict[str, dict[str, torch.Tensor]]  # per model, PEFT keys without adapter name
+    mi_blocks: list[str] | None = None
+    base_transformer_config: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def find_adapter_dir(path: Path) -> Path:
+    """Resolves a training output folder to its ``lora-final/`` (or its newest checkpoint's adapter)."""
+    if (path / "adapter_config.json").is_file() or (path / CUSTOM_ADAPTER_FILE).is_file():
+        return path
+    if (path / "lora-final").is_dir():
+        return path / "lora-final"
+    checkpoints = sorted(path.glob("checkpoint-*/lora"), key=lambda p: int(p.parent.name.split("-")[-1]))
+    if checkpoints:
+        return checkpoints[-1]
+    raise AdapterError(f"{path}: no LoRA found (expected adapter_config.json, {CUSTOM_ADAPTER_FILE}, lora-final/ or checkpoint-*/lora/)")
+
+
+def _infer_config_from_keys(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    ranks = {v.shape[0] for k, v in state.items() if "lora_A" in k}
+    if len(ranks) != 1:
+        raise AdapterError(f"cannot infer one LoRA rank from the file (found ranks {sorted(ranks)})")
+    rank = ranks.pop()
+    targets = sorted({re.sub(r"^.*?\.((?:to_out\.0)|[^.]+)\.lora_A\..*$", r"\1", k) for k in state if "lora_A" in k})
+    return lora_config_dict(rank=rank, alpha=rank, dropout=0.0, target_modules=targets)
+
+
+def _strip_adapter_name(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {re.sub(r"\.(lora_[AB]|lora_magnitude_vector)\.default", r".\1", k): v for k, v in state.items()}
+
+
+def read_lora(path: str | os.PathLike) -> LoadedAdapter:
+    """Reads a LoRA from a training output folder, an exported/PEFT folder or a custom-adapter file.
+
+    Raises:
+        AdapterError: nothing usable at ``path``, with the reason in words.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AdapterError(f"{path}: LoRA path does not exist")
+    if path.is_file():
+        return _read_custom_adapter(path, path.parent / METADATA_FILE)
+    folder = find_adapter_dir(path)
+    metadata = json.loads((folder / METADATA_FILE).read_text()) if (folder / METADATA_FILE).is_file() else None
+    if (folder / "adapter_config.json").is_file():
+        configs, weights = {}, {}
+        for name in ADAPTER_MODELS:
+            sub = folder if name == "transformer" else folder / name
+            if not (sub / "adapter_config.json").is_file():
+                continue
+            config = LoraConfig.from_pretrained(str(sub))
+            configs[name] = _config_to_dict(config)
+            weights[name] = read_adapter_file(sub / "adapter_model.safetensors")
+        return LoadedAdapter(folder, "midi-lora" if metadata else "peft", configs, weights,
+                             mi_blocks=(metadata or {}).get("mi_blocks"),
+                             base_transformer_config=(metadata or {}).get("base_transformer_config"))
+    return _read_custom_adapter(folder / CUSTOM_ADAPTER_FILE, folder / METADATA_FILE)
+
+
+def _read_custom_adapter(file: Path, metadata_file: Path) -> LoadedAdapter:
+    state = read_adapter_file(file)
+    metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else None
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+    for name in ADAPTER_MODELS:
+        part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".") and "lora" in k}
+        if part:
+            weights[name] = _strip_adapter_name(part)
+    if not weights:
+        raise AdapterError(f"{file}: no LoRA weights (keys containing 'lora' with a transformer./image_encoder_N. prefix)")
+    notes = []
+    if metadata:
+        configs = metadata["lora_configs"]
+    else:
+        configs = {name: _infer_config_from_keys(w) for name, w in weights.items()}
+        notes.append(f"{file.name} has no {METADATA_FILE}: rank inferred from the weights, lora_alpha assumed = rank")
+    return LoadedAdapter(file, "custom-adapter", configs, weights,
+                         mi_blocks=(metadata or {}).get("mi_blocks"),
+                         base_transformer_config=(metadata or {}).get("base_transformer_config"), notes=notes)
+
+
+def check_base_model(adapter: LoadedAdapter, transformer) -> None:
+    """Raises when the adapter was trained on a transformer of a different shape."""
+    if not adapter.base_transformer_config:
+        return
+    current = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    diffs = {k: (v, current.get(k)) for k, v in adapter.base_transformer_config.items() if current.get(k) != v}
+    if diffs:
+        text = ", ".join(f"{k}: adapter {a} vs model {b}" for k, (a, b) in sorted(diffs.items()))
+        raise AdapterError(f"{adapter.source}: LoRA was trained on a different base model ({text})")
+
+
+def apply_lora(pipe, adapter: LoadedAdapter, mi_blocks: Sequence[str] | None) -> None:
+    """Installs processors + LoRA modules on ``pipe`` and loads the adapter weights (strict).
+
+    Raises:
+        AdapterError: base-model, target or shape mismatches, in words.
+    """
+    check_base_model(adapter, pipe.transformer)
+    for name, config in adapter.lora_configs.items():
+        if not matched_lora_targets(getattr(pipe, name), config["target_modules"]):
+            raise AdapterError(f"{adapter.source}: LoRA targets {config['target_modules']} match no module of {name}")
+    pipe.init_custom_adapter(
+        set_self_attn_module_names=mi_blocks,
+        transformer_lora_config=adapter.lora_configs.get("transformer"),
+        image_encoder_1_lora_config=adapter.lora_configs.get("image_encoder_1"),
+        image_encoder_2_lora_config=adapter.lora_configs.get("image_encoder_2"),
+        exact_module_names=True,
+    )
+    for name, state in adapter.weights.items():
+        model = getattr(pipe, name)
+        expected = {k: v.shape for k, v in get_peft_model_state_dict(model).items()}
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise AdapterError(
+                f"{adapter.source}: {name} LoRA keys do not match the model ({len(missing)} missing, "
+                f"{len(unexpected)} unexpected, e.g. {(missing or unexpected)[0]!r})"
+            )
+        for key, shape in expected.items():
+            if state[key].shape != shape:
+                raise AdapterError(
+                    f"{adapter.source}: {name}.{key} has shape {tuple(state[key].shape)}, the model expects "
+                    f"{tuple(shape)} (rank {adapter.lora_configs[name]['r']} vs the config?)"
+                )
+        set_peft_model_state_dict(model, state)
+
+
+def merge_lora(pipe, scale: float = 1.0) -> int:
+    """Folds every LoRA delta (times ``scale``) into its base weight; returns the layers merged."""
+    merged = 0
+    for name in ADAPTER_MODELS:
+        for module in getattr(pipe, name).modules():
+            if isinstance(module, BaseTunerLayer):
+                if scale != 1.0:
+                    module.scale_layer(scale)
+                module.merge()
+                merged += 1
+    return merged
