@@ -31,7 +31,21 @@ _LAZY = {
     "check_dataset": "midi.data.check",
 }
 
-__all__ = sorted([*_LAZY, "DataError", "UsageError"])
+__all__ = [
+    "DataError",
+    "PrepareOptions",
+    "SceneRecord",
+    "SceneSample",
+    "UsageError",
+    "check_dataset",
+    "load_scene_sample",
+    "load_surface",
+    "make_synthetic_scene",
+    "open_dataset",
+    "prepare_dataset",
+    "save_surface",
+    "write_synthetic_dataset",
+]
 
 
 def __getattr__(name: str) -> Any:

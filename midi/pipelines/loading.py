@@ -87,36 +87,46 @@ def _weight_shapes(folder: Path) -> tuple[dict[str, tuple[int, ...]], Path] | No
     return shapes, files[0]
 
 
-def check_weights(name: str, model_cls: type, folder: Path) -> None:
-    """Compares the weight files with a meta-device build of ``model_cls`` from ``config.json``."""
+def _build_on_meta(name: str, model_cls: type, folder: Path) -> torch.nn.Module:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise PipelineLoadError(f"{folder}: component '{name}' has no config.json")
+    try:
+        with torch.device("meta"):
+            if hasattr(model_cls, "config_class") and model_cls.config_class is not None:  # transformers
+                return model_cls(model_cls.config_class.from_pretrained(str(folder)))
+            config = {k: v for k, v in json.loads(config_file.read_text()).items() if not k.startswith("_")}
+            return model_cls.from_config(config)
+    except (TypeError, ValueError, json.JSONDecodeError) as exc:
+        raise PipelineLoadError(f"{config_file}: config does not fit {model_cls.__name__} ({exc})") from None
+
+
+def check_weights(name: str, model_cls: type, folder: Path) -> None:
+    """Compares the weight files with a meta-device build of ``model_cls`` from ``config.json``.
+
+    Raises:
+        PipelineLoadError: naming the component, the key and expected vs found shapes.
+    """
+    model = _build_on_meta(name, model_cls, folder)
     found = _weight_shapes(folder)
     if found is None:
         if not any(folder.glob("*.bin")):
             raise PipelineLoadError(f"{folder}: component '{name}' has no weight file (*.safetensors)")
-        return  # legacy pickle weights: diffusers' own strict loading reports problems
+        return  # legacy pickle weights: the library's own loading reports problems
     shapes, file = found
-    config = {k: v for k, v in json.loads(config_file.read_text()).items() if not k.startswith("_")}
-    try:
-        with torch.device("meta"):
-            model = model_cls.from_config(config)
-    except TypeError as exc:
-        raise PipelineLoadError(f"{config_file}: config does not fit {model_cls.__name__} ({exc})") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in expected if k not in shapes]
     unexpected = [k for k in shapes if k not in expected]
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise PipelineLoadError(
-            f"{file}: component '{name}' keys do not match {model_cls.__name__}({config_file.name}): "
+            f"{file}: component '{name}' keys do not match {model_cls.__name__}(config.json): "
             f"{len(missing)} missing, {len(unexpected)} unexpected, e.g. {detail}"
         )
     for key, shape in expected.items():
         if shapes[key] != shape:
             raise PipelineLoadError(
-                f"{file}: component '{name}' key {key!r} expected shape {shape}, found {shapes[key]}"
+                f"{file}: component '{name}' key {key!r} expected shape {shape} (from config.json), found {shapes[key]}"
             )
 
 
@@ -132,11 +142,24 @@ def _load_transformers_component(name: str, library: str, class_name: str, folde
         cls = getattr(transformers, f"{allowed[0]}Pil", None) or getattr(transformers, allowed[0])
         return cls.from_pretrained(str(folder))
     cls = getattr(transformers, allowed[0])
-    model, info = cls.from_pretrained(str(folder), dtype=dtype, output_loading_info=True)
-    problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys", "unexpected_keys") and v}
-    if problems:
-        kind, keys = next(iter(problems.items()))
-        raise PipelineLoadError(f"{folder}: component '{name}' weights do not fit its config: {kind} {list(keys)[:3]}")
+    if not (folder / "config.json").is_file():
+        raise PipelineLoadError(f"{folder}: component '{name}' has no config.json")
+    try:
+        # Mismatches are collected (not raised) so the error below can name key and shapes.
+        model, info = cls.from_pretrained(
+            str(folder), dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
+        )
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise PipelineLoadError(f"{folder}: component '{name}' failed to load ({str(exc).splitlines()[0]})") from None
+    for key, ckpt_shape, model_shape in sorted(info.get("mismatched_keys") or []):
+        raise PipelineLoadError(
+            f"{folder}: component '{name}' key {key!r} expected shape {tuple(model_shape)} (from config.json), "
+            f"found {tuple(ckpt_shape)}"
+        )
+    for kind in ("missing_keys", "unexpected_keys"):
+        if info.get(kind):
+            keys = sorted(info[kind])
+            raise PipelineLoadError(f"{folder}: component '{name}' weights do not fit its config: {len(keys)} {kind}, e.g. {keys[:3]}")
     return model.eval()
 
 

@@ -66,11 +66,6 @@ class DiTBlock(nn.Module):
         skip: bool = False,
     ) -> None:
         super().__init__()
-        if skip:
-            self.skip_norm = FP32LayerNorm(width, eps=1e-5)
-            self.skip_linear = nn.Linear(2 * width, width)
-        else:
-            self.skip_linear = None
         if self_attention:
             self.norm1 = FP32LayerNorm(width, eps=1e-5)
             self.attn1 = _attention(width, num_heads, None, qk_norm, None)
@@ -88,6 +83,12 @@ class DiTBlock(nn.Module):
             self.attn2_2 = None
         self.norm3 = FP32LayerNorm(width, eps=1e-5)
         self.ff = FeedForward(width, mult=4, activation_fn="gelu", bias=True)
+        # Registered last so the state-dict order matches the released checkpoints.
+        if skip:
+            self.skip_norm = FP32LayerNorm(width, eps=1e-5)
+            self.skip_linear = nn.Linear(2 * width, width)
+        else:
+            self.skip_linear = None
 
     def forward(
         self,

@@ -1,0 +1,285 @@
+"""Validating a prepared dataset (or a 3D-Front root) and writing a report and a contact sheet.
+
+Problems carry a severity. Errors make the data wrong for training: unreadable files, NaNs,
+points outside [-1, 1], normals that are not unit length, too few points, a surface without area,
+image/id map size mismatch, an id map label with no object, an object in no id map, a manifest
+that lists missing scenes. Warnings are legitimate but worth a look: an object absent from one view
+(empty mask), a tiny mask, a finished scene the manifest does not list.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from midi.data import layout
+from midi.data.atomic import write_json
+from midi.data.dataset import DEFAULT_MIN_MASK_FRACTION, SceneRecord, open_dataset, read_manifest
+from midi.data.errors import DataError
+from midi.data.images import open_image, read_label_map
+from midi.data.surface_io import load_surface
+
+REPORT_NAME = "check_report.json"
+SHEET_NAME = "contact_sheet.png"
+BOUND_TOLERANCE = 1e-4
+NORMAL_TOLERANCE = 1e-3
+WARNING_KINDS = frozenset({"empty_mask", "tiny_mask", "unlisted_scene"})
+
+
+@dataclass
+class Problem:
+    """One finding: ``kind`` is a short key (e.g. ``out_of_bounds``), ``detail`` one line."""
+
+    scene: str
+    kind: str
+    detail: str
+
+    @property
+    def severity(self) -> str:
+        """``"warning"`` or ``"error"``."""
+        return "warning" if self.kind in WARNING_KINDS else "error"
+
+    def to_json(self) -> dict[str, str]:
+        """The problem as stored in the report."""
+        return asdict(self) | {"severity": self.severity}
+
+
+@dataclass
+class SceneCheck:
+    """The findings of one scene.
+
+    Attributes:
+        scene_id: Scene id.
+        num_objects: Objects listed for the scene.
+        instances_per_view: Distinct non-zero labels in each view's id map.
+        point_range: ``[min, max]`` over all coordinates of all objects (None if unreadable).
+        problems: What was found.
+    """
+
+    scene_id: str
+    num_objects: int
+    instances_per_view: list[int] = field(default_factory=list)
+    point_range: list[float] | None = None
+    problems: list[Problem] = field(default_factory=list)
+
+
+@dataclass
+class CheckReport:
+    """The result of :func:`check_dataset`."""
+
+    root: str
+    layout: str
+    scenes: list[SceneCheck]
+    dataset_problems: list[Problem]
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def problems(self) -> list[Problem]:
+        """All problems, dataset-level first."""
+        return self.dataset_problems + [p for s in self.scenes for p in s.problems]
+
+    @property
+    def errors(self) -> list[Problem]:
+        """Problems of severity error."""
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        """Problems of severity warning."""
+        return [p for p in self.problems if p.severity == "warning"]
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as stored in ``check_report.json``."""
+        return {
+            "root": self.root,
+            "layout": self.layout,
+            "num_scenes": len(self.scenes),
+            "num_scenes_ok": sum(1 for s in self.scenes if not s.problems),
+            "num_errors": len(self.errors),
+            "num_warnings": len(self.warnings),
+            "counts": dict(Counter(p.kind for p in self.problems)),
+            "problems": [p.to_json() for p in self.problems],
+            "scenes": [asdict(s) | {"problems": [p.to_json() for p in s.problems]} for s in self.scenes],
+            "files": self.files,
+        }
+
+    def summary(self, max_lines: int = 30) -> str:
+        """A human-readable summary: totals, counts per kind, the first problems."""
+        ok = sum(1 for s in self.scenes if not s.problems)
+        lines = [
+            f"checked {len(self.scenes)} scene(s) in {self.root} ({self.layout}): {ok} clean, "
+            f"{len(self.errors)} error(s), {len(self.warnings)} warning(s)"
+        ]
+        lines += [f"  {kind}: {n}" for kind, n in sorted(Counter(p.kind for p in self.problems).items())]
+        for p in self.problems[:max_lines]:
+            lines.append(f"  [{p.severity}] {p.scene}: {p.kind}: {p.detail}")
+        if len(self.problems) > max_lines:
+            lines.append(f"  ... {len(self.problems) - max_lines} more in the report")
+        lines += [f"  wrote {path}" for path in self.files.values()]
+        return "\n".join(lines)
+
+
+def check_surface(path: Path, scene: str, name: str, min_points: int) -> tuple[list[Problem], np.ndarray | None]:
+    """Checks one surface file.
+
+    Returns:
+        ``(problems, points or None when unreadable)``.
+    """
+    try:
+        points, normals = load_surface(path)
+    except DataError as exc:
+        return [Problem(scene, "unreadable_surface", str(exc))], None
+    problems = []
+    if not (np.all(np.isfinite(points)) and np.all(np.isfinite(normals))):
+        bad = int(np.sum(~np.isfinite(points).all(1) | ~np.isfinite(normals).all(1)))
+        problems.append(Problem(scene, "nan", f"{name}: {bad} point(s) with NaN/inf"))
+    finite = points[np.isfinite(points).all(1)]
+    if len(finite) and np.abs(finite).max() > 1.0 + BOUND_TOLERANCE:
+        problems.append(Problem(scene, "out_of_bounds", f"{name}: |coordinate| up to {np.abs(finite).max():.4f} > 1"))
+    norms = np.linalg.norm(normals, axis=1)
+    off = np.abs(norms - 1.0) > NORMAL_TOLERANCE
+    if np.any(off):
+        problems.append(Problem(scene, "non_unit_normals", f"{name}: {int(off.sum())} normal(s) not unit length"))
+    if len(points) < min_points:
+        problems.append(Problem(scene, "too_few_points", f"{name}: {len(points)} points < {min_points}"))
+    if len(finite) and float(np.max(np.ptp(finite, axis=0))) < 1e-6:
+        problems.append(Problem(scene, "no_area", f"{name}: all points coincide (mesh without area)"))
+    return problems, points
+
+
+def check_view(
+    image: Path, ids: Path, scene: str, names: tuple[str, ...], min_mask_fraction: float
+) -> tuple[list[Problem], np.ndarray | None]:
+    """Checks one view: readable files, same size, labels vs objects, empty and tiny masks.
+
+    Returns:
+        ``(problems, per-object pixel counts or None when unreadable)``.
+    """
+    try:
+        size = open_image(image).size
+        labels = read_label_map(ids)
+    except DataError as exc:
+        return [Problem(scene, "unreadable_view", str(exc))], None
+    problems = []
+    if labels.shape != (size[1], size[0]):
+        problems.append(Problem(scene, "size_mismatch", f"{ids.name} is {labels.shape[::-1]}, {image.name} is {size}"))
+    present = np.unique(labels)
+    extra = [int(v) for v in present if v < 0 or v > len(names)]
+    if extra:
+        problems.append(Problem(scene, "extra_label", f"{ids.name}: labels {extra} but {len(names)} objects"))
+    counts = np.bincount(labels.ravel().clip(0), minlength=len(names) + 1)[1 : len(names) + 1]
+    limit = min_mask_fraction * labels.size
+    for name, pixels in zip(names, counts):
+        if pixels == 0:
+            problems.append(Problem(scene, "empty_mask", f"{ids.name}: {name} has an empty mask"))
+        elif pixels <= limit:
+            problems.append(Problem(scene, "tiny_mask", f"{ids.name}: {name} covers only {int(pixels)} px"))
+    return problems, counts
+
+
+def check_scene(record: SceneRecord, min_points: int, min_mask_fraction: float) -> SceneCheck:
+    """Runs every per-scene check on one record."""
+    result = SceneCheck(record.scene_id, len(record.object_names))
+    lo, hi = np.inf, -np.inf
+    for name, path in zip(record.object_names, record.surface_paths):
+        problems, points = check_surface(path, record.scene_id, name, min_points)
+        result.problems += problems
+        if points is not None and np.isfinite(points).any():
+            lo, hi = min(lo, float(np.nanmin(points))), max(hi, float(np.nanmax(points)))
+    result.point_range = [lo, hi] if np.isfinite(lo) else None
+    if not record.views:
+        result.problems.append(Problem(record.scene_id, "no_views", "scene has no view with an id map"))
+    seen = np.zeros(len(record.object_names), np.int64)
+    for image, ids in record.views:
+        problems, counts = check_view(image, ids, record.scene_id, record.object_names, min_mask_fraction)
+        result.problems += problems
+        if counts is not None:
+            seen += counts
+            result.instances_per_view.append(int(np.count_nonzero(counts)))
+    if record.views:
+        for name in np.asarray(record.object_names)[seen == 0]:
+            result.problems.append(Problem(record.scene_id, "missing_object", f"{name} is in no id map"))
+    return result
+
+
+def check_manifest(root: Path) -> list[Problem]:
+    """Dataset-level checks of a midi-scenes root: listed scenes exist and are finished, splits."""
+    try:
+        manifest = read_manifest(root)
+    except DataError as exc:
+        return [Problem("(dataset)", "bad_manifest", str(exc))]
+    problems = []
+    listed = [entry["id"] for entry in manifest.get("scenes", [])]
+    for sid in listed:
+        if not layout.is_finished(layout.scene_dir(root, sid)):
+            problems.append(Problem(sid, "missing_scene", f"listed in {layout.MANIFEST} but no finished scene folder"))
+    problems += _check_splits(manifest.get("splits", {}), set(listed))
+    on_disk = {p.name for p in (root / layout.SCENES_DIR).glob("*") if layout.is_finished(p)}
+    for sid in sorted(on_disk - set(listed)):
+        problems.append(Problem(sid, "unlisted_scene", f"finished scene not listed in {layout.MANIFEST}"))
+    return problems
+
+
+def _check_splits(splits: dict[str, list[str]], listed: set[str]) -> list[Problem]:
+    problems, owner = [], {}
+    for split, ids in splits.items():
+        for sid in ids:
+            if sid not in listed:
+                problems.append(Problem(sid, "bad_split", f"in split {split} but not in the scene list"))
+            elif sid in owner:
+                problems.append(Problem(sid, "bad_split", f"in both {owner[sid]} and {split}"))
+            owner.setdefault(sid, split)
+    return problems
+
+
+def check_dataset(
+    root: str | Path,
+    report_dir: str | Path | None = None,
+    min_mask_fraction: float = DEFAULT_MIN_MASK_FRACTION,
+    min_points: int | None = None,
+    sheet_scenes: int = 12,
+    write: bool = True,
+) -> CheckReport:
+    """Validates a dataset and writes ``check_report.json`` and ``contact_sheet.png``.
+
+    Args:
+        root: A midi-scenes root or a 3D-Front root.
+        report_dir: Where to write the report and the sheet (``root`` when None).
+        min_mask_fraction: Masks at or below this fraction of the image are reported as tiny.
+        min_points: Fewest surface points expected; the manifest's ``num_surface_points``
+            (20480 for 3D-Front) when None.
+        sheet_scenes: Scenes on the contact sheet (scenes with problems first).
+        write: Write the files (False for a dry check).
+
+    Raises:
+        DataError: ``root`` is in no known layout.
+    """
+    root = Path(root)
+    kind = layout.detect_layout(root)
+    records = open_dataset(root, "all")
+    dataset_problems = check_manifest(root) if kind == layout.FORMAT else []
+    if min_points is None:
+        min_points = int(read_manifest(root).get("num_surface_points", 1)) if kind == layout.FORMAT else 20480
+    scenes = [check_scene(r, min_points, min_mask_fraction) for r in records]
+    report = CheckReport(str(root), str(kind), scenes, dataset_problems)
+    if write:
+        out = Path(report_dir) if report_dir is not None else root
+        out.mkdir(parents=True, exist_ok=True)
+        _write_outputs(report, records, out, sheet_scenes)
+    return report
+
+
+def _write_outputs(report: CheckReport, records: list[SceneRecord], out: Path, sheet_scenes: int) -> None:
+    from midi.data.contact_sheet import write_contact_sheet
+
+    by_id = {s.scene_id: s for s in report.scenes}
+    ordered = sorted(records, key=lambda r: (not by_id[r.scene_id].problems,))[:sheet_scenes]
+    if ordered:
+        write_contact_sheet(out / SHEET_NAME, ordered, [by_id[r.scene_id] for r in ordered])
+        report.files["contact_sheet"] = str(out / SHEET_NAME)
+    report.files["report"] = str(out / REPORT_NAME)
+    write_json(out / REPORT_NAME, report.to_json())

@@ -1,0 +1,144 @@
+"""A contact sheet for eyeballing a dataset: one row per scene.
+
+Columns: the scene image, the id map in instance colours, the sampled surface points of all
+instances rendered from the view's camera (when recorded, else a default orbit), then the points
+of the first instances one by one. Colours match between the id map and the point renders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from midi.data import layout
+from midi.data.camera import Camera, camera_record, project_points
+from midi.data.errors import DataError
+from midi.data.images import colourise_labels, instance_colours, open_image, read_label_map, save_png
+from midi.data.surface_io import load_surface
+
+TILE = 160
+HEADER = 16
+MAX_INSTANCE_TILES = 4
+MAX_POINTS = 4000
+
+
+def _blank(text: str = "") -> np.ndarray:
+    tile = np.full((TILE, TILE, 3), 40, np.uint8)
+    if text:
+        image = Image.fromarray(tile)
+        ImageDraw.Draw(image).text((6, TILE // 2 - 6), text[:24], fill=(255, 120, 120))
+        tile = np.asarray(image)
+    return tile
+
+
+def _fit(array: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(array).convert("RGB").resize((TILE, TILE), Image.Resampling.NEAREST))
+
+
+def _recorded_camera(record: Any) -> dict[str, Any] | None:
+    if record.layout != layout.FORMAT or not record.views:
+        return None
+    try:
+        scene = layout.read_json(record.views[0][0].parent.parent / layout.SCENE_JSON)
+        return scene["views"][0].get("camera")
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
+def _tile_camera(record: Any, points: list[np.ndarray]) -> dict[str, Any]:
+    camera = _recorded_camera(record)
+    if camera is None:
+        radius = max((float(np.linalg.norm(p, axis=1).max()) for p in points if len(p)), default=1.0)
+        return camera_record(Camera(), radius, TILE, TILE)
+    scale = TILE / float(camera["width"])
+    k = np.asarray(camera["intrinsics"], np.float64)
+    k[:2] *= scale
+    return camera | {"intrinsics": k.tolist(), "width": TILE, "height": TILE}
+
+
+def render_points(
+    camera: dict[str, Any], points: Sequence[np.ndarray], normals: Sequence[np.ndarray], colours: np.ndarray
+) -> np.ndarray:
+    """Splats points (far to near, one pixel each) shaded by how much their normal faces the camera.
+
+    Returns:
+        (TILE, TILE, 3) uint8 on a dark background.
+    """
+    tile = np.full((TILE * TILE, 3), 30, np.float32)
+    if not points:
+        return tile.reshape(TILE, TILE, 3).astype(np.uint8)
+    xyz = np.concatenate(points)
+    nrm = np.concatenate(normals)
+    col = np.concatenate([np.repeat(colours[i][None], len(p), 0) for i, p in enumerate(points)])
+    uv, depth = project_points(camera, xyz)
+    view = xyz - np.asarray(camera["eye"])
+    view /= np.maximum(np.linalg.norm(view, axis=1, keepdims=True), 1e-12)
+    shade = 0.35 + 0.65 * np.abs(np.einsum("ij,ij->i", nrm, view))
+    px = np.floor(uv).astype(np.int64)
+    ok = (depth > 0) & np.all((px >= 0) & (px < TILE), axis=1) & np.isfinite(depth)
+    order = np.argsort(-depth[ok], kind="stable")  # far first, so near points overwrite
+    idx = (px[ok][order, 1] * TILE + px[ok][order, 0]).astype(np.int64)
+    tile[idx] = col[ok][order] * 255.0 * shade[ok][order, None]
+    return np.clip(tile, 0, 255).reshape(TILE, TILE, 3).astype(np.uint8)
+
+
+def _load_points(record: Any) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    points, normals = [], []
+    rng = np.random.default_rng(0)
+    for path in record.surface_paths:
+        try:
+            p, n = load_surface(path)
+        except DataError:
+            p, n = np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32)
+        keep = np.isfinite(p).all(1) & np.isfinite(n).all(1)
+        p, n = p[keep], n[keep]
+        if len(p) > MAX_POINTS:
+            rows = rng.choice(len(p), MAX_POINTS, replace=False)
+            p, n = p[rows], n[rows]
+        points.append(p.astype(np.float64))
+        normals.append(n.astype(np.float64))
+    return points, normals
+
+
+def _view_tiles(record: Any) -> list[np.ndarray]:
+    if not record.views:
+        return [_blank("no view"), _blank("no id map")]
+    image_path, ids_path = record.views[0]
+    try:
+        image = _fit(np.asarray(open_image(image_path).convert("RGB")))
+    except DataError:
+        image = _blank("unreadable image")
+    try:
+        ids = _fit(colourise_labels(read_label_map(ids_path)))
+    except DataError:
+        ids = _blank("unreadable id map")
+    return [image, ids]
+
+
+def scene_row(record: Any, title: str) -> np.ndarray:
+    """Builds one row of the sheet (with a title bar) for a scene record."""
+    points, normals = _load_points(record)
+    colours = instance_colours(len(points))
+    camera = _tile_camera(record, points)
+    tiles = _view_tiles(record) + [render_points(camera, points, normals, colours)]
+    for k in range(min(MAX_INSTANCE_TILES, len(points))):
+        tiles.append(render_points(camera, [points[k]], [normals[k]], colours[k : k + 1]))
+    tiles += [_blank()] * (3 + MAX_INSTANCE_TILES - len(tiles))
+    row = np.concatenate(tiles, axis=1)
+    bar = Image.new("RGB", (row.shape[1], HEADER), (15, 15, 15))
+    ImageDraw.Draw(bar).text((4, 2), title[:120], fill=(230, 230, 230))
+    return np.concatenate([np.asarray(bar), row], axis=0)
+
+
+def write_contact_sheet(path: Path, records: Sequence[Any], checks: Sequence[Any]) -> None:
+    """Writes the sheet for ``records`` with titles from their :class:`SceneCheck` results."""
+    rows = []
+    for record, check in zip(records, checks):
+        kinds = sorted({p.kind for p in check.problems})
+        status = "ok" if not kinds else f"{len(check.problems)} problem(s): {', '.join(kinds)}"
+        rows.append(scene_row(record, f"{record.scene_id} - {len(record.object_names)} objects - {status}"))
+    save_png(path, Image.fromarray(np.concatenate(rows, axis=0)))

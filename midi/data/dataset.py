@@ -1,0 +1,260 @@
+"""The reading side used by training (numpy and PIL only, no torch).
+
+:func:`open_dataset` indexes a dataset in either layout, our "midi-scenes" manifest or the 3D-Front
+(MIDI) layout, into :class:`SceneRecord` objects; :func:`load_scene_sample` turns one record and
+one view into a training sample (:class:`SceneSample`), deterministically for a given generator.
+
+Example::
+
+    records = open_dataset("data/my_scenes", split="train")
+    rng = np.random.default_rng(0)
+    sample = load_scene_sample(records[0], None, 20480, rng, image_size=512)
+    sample.surfaces.shape  # (N, 20480, 6): xyz + normals per kept instance
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from midi.data import front3d, layout
+from midi.data.errors import DataError
+from midi.data.images import Colour, read_label_map, read_rgb, resize_labels, resize_rgb
+from midi.data.surface_io import load_surface
+
+DEFAULT_MIN_MASK_FRACTION = 0.001  # MIDI's test config: masks with <= 0.1% of the pixels are dropped
+
+
+@dataclass(frozen=True)
+class SceneRecord:
+    """One scene of a dataset, as paths only (cheap to build and to pickle into loader workers).
+
+    Attributes:
+        scene_id: Scene id (``<house>-<room>`` for 3D-Front).
+        object_names: Object names in id order (id map value k+1 = object k).
+        surface_paths: One surface file per object.
+        views: ``(scene image, id map)`` per view.
+        layout: ``"midi-scenes"`` or ``"3d-front"``.
+    """
+
+    scene_id: str
+    object_names: tuple[str, ...]
+    surface_paths: tuple[Path, ...]
+    views: tuple[tuple[Path, Path], ...]
+    layout: str = layout.FORMAT
+
+
+@dataclass
+class SceneSample:
+    """One training sample: a scene seen from one view, per kept instance.
+
+    Attributes:
+        scene_id: Scene id.
+        view_index: Index into ``record.views``.
+        surfaces: (N, P, 6) float32, xyz + normals in the scene's normalised frame.
+        instance_images: (N, H, W, 3) float32 in [0, 1]: the scene image with every pixel outside
+            instance k set to the background colour.
+        masks: (N, H, W) float32 in {0, 1}.
+        scene_image: (H, W, 3) float32 in [0, 1].
+        object_names: Names of the N kept instances.
+        object_indices: Their indices in ``record.object_names``.
+        dropped: ``(name, reason)`` of instances left out (empty or too small mask).
+    """
+
+    scene_id: str
+    view_index: int
+    surfaces: np.ndarray
+    instance_images: np.ndarray
+    masks: np.ndarray
+    scene_image: np.ndarray
+    object_names: list[str]
+    object_indices: list[int]
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def num_instances(self) -> int:
+        """Number of kept instances N."""
+        return len(self.object_names)
+
+
+def open_dataset(root: str | Path, split: str = "all") -> list[SceneRecord]:
+    """Indexes a dataset, detecting its layout.
+
+    Args:
+        root: A "midi-scenes" root (with ``manifest.json``) or a 3D-Front root (with
+            ``3D-FRONT-SURFACE`` and ``midi_room_ids.json``/``valid_room_ids.json``).
+        split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``.
+
+    Returns:
+        The records of the split, in manifest (or room list) order.
+
+    Raises:
+        DataError: Unknown layout, unreadable manifest or unknown split.
+    """
+    root = Path(root)
+    if split not in (*layout.SPLITS, "all"):
+        raise DataError(f"unknown split {split!r} (train, val, test or all)")
+    kind = layout.detect_layout(root)
+    if kind == layout.FORMAT:
+        return _open_manifest(root, split)
+    if kind == "3d-front":
+        return _open_front3d(root, split)
+    raise DataError(f"{root}: neither a midi-scenes dataset (manifest.json) nor a 3D-Front root")
+
+
+def read_manifest(root: str | Path) -> dict:
+    """Reads and checks the format of ``<root>/manifest.json``.
+
+    Raises:
+        DataError: Missing or unreadable, another format, or a newer version.
+    """
+    path = Path(root) / layout.MANIFEST
+    try:
+        manifest = layout.read_json(path)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read manifest ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != layout.FORMAT:
+        raise DataError(f"{path}: not a {layout.FORMAT} manifest")
+    if int(manifest.get("version", 0)) > layout.VERSION:
+        raise DataError(f"{path}: version {manifest.get('version')} is newer than this reader ({layout.VERSION})")
+    return manifest
+
+
+def _open_manifest(root: Path, split: str) -> list[SceneRecord]:
+    manifest = read_manifest(root)
+    fmt = str(manifest.get("surface_format", "npy"))
+    wanted = None if split == "all" else set(manifest.get("splits", {}).get(split, []))
+    records = []
+    for entry in manifest.get("scenes", []):
+        if wanted is not None and entry["id"] not in wanted:
+            continue
+        folder = layout.scene_dir(root, entry["id"])
+        names = tuple(entry["objects"])
+        surfaces = tuple(layout.surface_path(folder, n, fmt) for n in names)
+        views = tuple(layout.view_paths(folder, v) for v in entry["views"])
+        records.append(SceneRecord(entry["id"], names, surfaces, views, layout.FORMAT))
+    return records
+
+
+def _open_front3d(root: Path, split: str) -> list[SceneRecord]:
+    rooms = front3d.read_rooms(root)
+    indices = range(len(rooms)) if split == "all" else front3d.split_indices(len(rooms))[split]
+    records = []
+    for i in indices:
+        room, names = rooms[i]
+        views = tuple((img, idm) for img, idm, _ in front3d.room_views(root, room))
+        surfaces = tuple(front3d.surface_paths(root, room, names))
+        records.append(SceneRecord(front3d.room_scene_id(room), tuple(names), surfaces, views, "3d-front"))
+    return records
+
+
+def load_view(
+    record: SceneRecord, view_index: int, image_size: int | None, background: Colour
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reads one view: the scene image (RGBA composited, bicubic resize) and the raw id map (nearest).
+
+    Returns:
+        ``(image (H, W, 3) float32, labels (H, W) int32)``.
+
+    Raises:
+        DataError: Unreadable files or different sizes.
+    """
+    image_path, ids_path = record.views[view_index]
+    rgb = read_rgb(image_path, background)
+    labels = read_label_map(ids_path)
+    if image_size is not None:
+        rgb = resize_rgb(rgb, image_size)
+        labels = resize_labels(labels, image_size)
+    elif labels.shape != rgb.shape[:2]:
+        raise DataError(f"{ids_path}: id map {labels.shape} and image {rgb.shape[:2]} differ in size")
+    return rgb, labels
+
+
+def instance_masks(
+    labels: np.ndarray, names: Sequence[str], min_mask_fraction: float
+) -> tuple[list[int], list[tuple[str, str]]]:
+    """Selects the instances whose mask is larger than ``min_mask_fraction`` of the image.
+
+    Returns:
+        ``(kept indices, [(name, reason) for dropped ones])``.
+    """
+    counts = np.bincount(labels.ravel().clip(0), minlength=len(names) + 1)
+    limit = min_mask_fraction * labels.size
+    kept, dropped = [], []
+    for k, name in enumerate(names):
+        pixels = int(counts[k + 1])
+        if pixels == 0:
+            dropped.append((name, "empty mask"))
+        elif pixels <= limit:
+            dropped.append((name, f"mask too small ({pixels} px <= {min_mask_fraction:g} of {labels.size})"))
+        else:
+            kept.append(k)
+    return kept, dropped
+
+
+def subsample_surface(path: Path, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Loads one surface file and draws ``count`` rows without replacement.
+
+    Returns:
+        (count, 6) float32 xyz + normals.
+
+    Raises:
+        DataError: Unreadable file or fewer than ``count`` points.
+    """
+    points, normals = load_surface(path)
+    if len(points) < count:
+        raise DataError(f"{path}: {len(points)} surface points, {count} requested")
+    rows = rng.choice(len(points), size=count, replace=False)
+    return np.concatenate([points[rows], normals[rows]], axis=1).astype(np.float32)
+
+
+def load_scene_sample(
+    record: SceneRecord,
+    view_index: int | None,
+    num_surface_points: int,
+    rng: np.random.Generator,
+    image_size: int | None = None,
+    background: Colour = (1.0, 1.0, 1.0),
+    min_mask_fraction: float = DEFAULT_MIN_MASK_FRACTION,
+) -> SceneSample:
+    """Builds one training sample from a scene and one of its views.
+
+    Instances whose mask is empty or covers at most ``min_mask_fraction`` of the image are
+    dropped together with their surface (listed in ``dropped``). The result depends only on the
+    files and the state of ``rng`` (used for the view when ``view_index`` is None, then for the
+    surface subsets in object order).
+
+    Args:
+        record: The scene.
+        view_index: Index into ``record.views``; None draws one with ``rng``.
+        num_surface_points: P, surface rows per instance (without replacement).
+        rng: Random generator.
+        image_size: Side of the square output images; None keeps the stored size.
+        background: RGB in [0, 1] used for compositing and outside the instance masks.
+        min_mask_fraction: Masks with at most this fraction of the pixels are dropped.
+
+    Returns:
+        The :class:`SceneSample`.
+
+    Raises:
+        DataError: No views, unreadable files, or no instance left.
+    """
+    if not record.views:
+        raise DataError(f"{record.scene_id}: scene has no views")
+    if view_index is None:
+        view_index = int(rng.integers(len(record.views)))
+    rgb, labels = load_view(record, view_index, image_size, background)
+    kept, dropped = instance_masks(labels, record.object_names, min_mask_fraction)
+    if not kept:
+        raise DataError(f"{record.scene_id} view {view_index}: no instance left ({len(dropped)} dropped)")
+    masks = np.stack([labels == k + 1 for k in kept]).astype(np.float32)
+    bg = np.asarray(background, np.float32)
+    instance_images = rgb[None] * masks[..., None] + bg * (1.0 - masks[..., None])
+    surfaces = np.stack([subsample_surface(record.surface_paths[k], num_surface_points, rng) for k in kept])
+    names = [record.object_names[k] for k in kept]
+    return SceneSample(
+        record.scene_id, view_index, surfaces, instance_images.astype(np.float32), masks, rgb, names, kept, dropped
+    )

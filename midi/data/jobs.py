@@ -1,0 +1,213 @@
+"""What one scene job is, what it produces, and the steps every input kind shares.
+
+A job (:class:`SceneJob`) is small and picklable so it can be sent to a worker process; the
+worker turns it into a :class:`SceneContent` (objects with surface samples, views with id maps)
+that :mod:`midi.data.prepare` writes atomically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from midi.data.camera import Camera
+from midi.data.errors import DataError
+from midi.data.images import Colour
+from midi.data.meshes import (
+    DEFAULT_BOUND,
+    NamedMesh,
+    Normalization,
+    apply_normalization,
+    joint_normalization,
+    object_rng,
+    sample_surface,
+    validate_mesh,
+)
+
+T = TypeVar("T")
+
+JOB_KINDS = ("folder", "scene_file", "single_object", "synthetic", "3d-front")
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Settings of a prepare run (all have the command line's defaults).
+
+    Attributes:
+        num_samples: Surface samples stored per object.
+        image_size: Side of the square output images.
+        surface_format: ``"npy"`` (MIDI dict) or ``"npz"``.
+        bound: Half-extent of the normalised scene (1 - margin).
+        views: Number of rendered views (azimuths spread evenly from ``camera.azimuth``).
+        camera: Camera of the first rendered view.
+        background: Background colour for rendering and for compositing RGBA images.
+        render: ``"auto"`` (render scenes without images), ``"always"`` or ``"never"``.
+        seed: Seed of all sampling and of the synthetic scenes.
+        single_object: Top-level mesh files are one-object scenes normalised alone.
+        val_fraction: Fraction of scenes in the val split.
+        test_fraction: Fraction of scenes in the test split.
+    """
+
+    num_samples: int = 20480
+    image_size: int = 512
+    surface_format: str = "npy"
+    bound: float = DEFAULT_BOUND
+    views: int = 1
+    camera: Camera = field(default_factory=Camera)
+    background: Colour = (1.0, 1.0, 1.0)
+    render: str = "auto"
+    seed: int = 0
+    single_object: bool = False
+    val_fraction: float = 0.1
+    test_fraction: float = 0.0
+
+    def min_visible_pixels(self) -> int:
+        """Pixels an object needs in a rendered view to count as visible (0.1% of the image, >= 1)."""
+        return max(1, int(np.ceil(0.001 * self.image_size**2)))
+
+
+@dataclass(frozen=True)
+class SceneJob:
+    """One scene to prepare.
+
+    Attributes:
+        scene_id: Output scene id (a safe file name).
+        kind: One of :data:`JOB_KINDS`.
+        path: Input file or folder (for 3D-Front: the dataset root).
+        room: 3D-Front room path ``<house>/<room>``.
+        names: 3D-Front object names of the room.
+        seed: Seed of a synthetic scene.
+    """
+
+    scene_id: str
+    kind: str
+    path: str = ""
+    room: str = ""
+    names: tuple[str, ...] = ()
+    seed: int = 0
+
+
+@dataclass
+class ObjectData:
+    """One object ready to be written."""
+
+    name: str
+    source: str
+    points: np.ndarray
+    normals: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ViewData:
+    """One view ready to be written: ``ids`` value k+1 is object k."""
+
+    rgb: np.ndarray
+    ids: np.ndarray
+    camera: dict[str, Any] | None
+    source: dict[str, Any]
+
+
+@dataclass
+class SceneContent:
+    """Everything written for one scene."""
+
+    objects: list[ObjectData]
+    views: list[ViewData]
+    normalization: dict[str, Any]
+    source: dict[str, Any]
+    dropped: list[dict[str, str]] = field(default_factory=list)
+
+
+def normalise_objects(objects: Sequence[NamedMesh], bound: float) -> tuple[list[NamedMesh], Normalization]:
+    """Validates the meshes and normalises them jointly into [-bound, bound]^3.
+
+    Raises:
+        DataError: A mesh without faces or area, or a scene without extent.
+    """
+    for obj in objects:
+        validate_mesh(obj)
+    norm = joint_normalization([o.mesh for o in objects], bound)
+    return [apply_normalization(o, norm) for o in objects], norm
+
+
+def sample_objects(objects: Sequence[NamedMesh], options: PrepareOptions, scene_id: str) -> list[ObjectData]:
+    """Samples every object's surface with its own seeded generator (see :func:`object_rng`)."""
+    out = []
+    for index, obj in enumerate(objects):
+        points, normals = sample_surface(obj.mesh, options.num_samples, object_rng(options.seed, scene_id, index))
+        info = {"num_faces": int(len(obj.mesh.faces)), "area": float(obj.mesh.area)}
+        out.append(ObjectData(obj.name, obj.source, points, normals, info))
+    return out
+
+
+def render_views(objects: Sequence[NamedMesh], options: PrepareOptions) -> list[ViewData]:
+    """Renders ``options.views`` views at evenly spread azimuths."""
+    from midi.data.render import render_scene  # trimesh ray casting; only scenes that render need it
+
+    views = []
+    for k in range(options.views):
+        camera = options.camera.with_azimuth(options.camera.azimuth + 360.0 * k / options.views)
+        rendering = render_scene([o.mesh for o in objects], camera, options.image_size, options.background)
+        views.append(ViewData(rendering.rgb, rendering.ids, rendering.camera, {"rendered": True}))
+    return views
+
+
+def label_counts(views: Sequence[ViewData], num_objects: int) -> np.ndarray:
+    """Pixel count of every label 0..num_objects in every view, (V, num_objects + 1)."""
+    return np.stack([np.bincount(v.ids.ravel(), minlength=num_objects + 1)[: num_objects + 1] for v in views])
+
+
+def check_extra_labels(views: Sequence[ViewData], names: Sequence[str]) -> None:
+    """Fails when an id map holds a label with no object behind it.
+
+    Raises:
+        DataError: Naming the id map file, the labels and the object count.
+    """
+    for view in views:
+        labels = np.unique(view.ids)
+        extra = [int(v) for v in labels if v > len(names) or v < 0]
+        if extra:
+            where = Path(view.source.get("id_map", "id map")).name
+            raise DataError(f"{where}: labels {extra} but the scene has {len(names)} objects (labels 1..{len(names)})")
+
+
+def drop_unseen(
+    items: list[T], names: Sequence[str], views: list[ViewData], min_pixels: int, reason: str
+) -> tuple[list[T], list[ViewData], list[dict[str, str]]]:
+    """Drops objects with fewer than ``min_pixels`` in every view and renumbers the id maps.
+
+    Used for rendered views and converted 3D-Front rooms; folder scenes with user id maps are
+    checked with :func:`midi.data.sources.check_label_coverage` instead and never edited.
+
+    Args:
+        items: The objects (meshes or sampled objects), in id order.
+        names: Their names.
+        views: The views; ``ids`` value k+1 is ``items[k]``.
+        min_pixels: Pixels an object needs in at least one view.
+        reason: Why an object is dropped (stored with its pixel count).
+
+    Returns:
+        ``(items kept, views with renumbered ids, dropped records)``.
+
+    Raises:
+        DataError: No object is left.
+    """
+    counts = label_counts(views, len(items))[:, 1:].max(axis=0)
+    keep = np.flatnonzero(counts >= min_pixels)
+    if len(keep) == 0:
+        raise DataError(f"no object left: every object is {reason}")
+    dropped = [
+        {"name": names[k], "reason": f"{reason} (max {int(counts[k])} px in a view)"}
+        for k in range(len(items))
+        if counts[k] < min_pixels
+    ]
+    lut = np.zeros(len(items) + 1, np.int32)
+    lut[keep + 1] = np.arange(1, len(keep) + 1)
+    # Pixels of a dropped object become background in the id map (they are below min_pixels).
+    views = [ViewData(v.rgb, lut[v.ids], v.camera, v.source) for v in views]
+    return [items[k] for k in keep], views, dropped

@@ -1,0 +1,356 @@
+"""The prepare pipeline: workers, resume, atomic scene writes, manifest and report.
+
+A scene is written into ``scenes/<id>.tmp-<random>/`` and renamed to ``scenes/<id>/`` when
+complete; its ``scene.json`` is written last, so a folder with ``scene.json`` is a finished scene
+and is skipped on a re-run. The manifest is rewritten last, atomically, listing every finished
+scene of the folder (also those of earlier runs). Scenes that fail are skipped with a one-line
+reason in the report; nothing of them is left on disk.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from midi.data import layout
+from midi.data.atomic import commit_dir, make_tmp_dir, remove_stale_tmp, write_json
+from midi.data.errors import DataError, UsageError
+from midi.data.images import labels_to_image, save_png
+from midi.data.jobs import ObjectData, PrepareOptions, SceneContent, SceneJob, ViewData
+from midi.data.surface_io import save_surface
+
+REPORT_NAME = "prepare_report.json"
+
+
+@dataclass
+class SceneOutcome:
+    """What happened to one scene: ``status`` is ``written``, ``done`` (finished earlier) or ``skipped``."""
+
+    scene_id: str
+    status: str
+    reason: str = ""
+    num_objects: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class PrepareReport:
+    """Summary of a prepare run.
+
+    Attributes:
+        output_dir: Dataset root.
+        written: Scenes written by this run.
+        already_done: Scenes found finished (resume).
+        skipped: ``{"scene", "reason"}`` of every scene that failed.
+        num_meshes: Objects written by this run.
+        seconds: Wall time of the scene work.
+        workers: Worker processes used.
+        num_scenes_total: Scenes listed in the manifest.
+        aborted: True when ``strict`` stopped the run at the first failure.
+    """
+
+    output_dir: str
+    written: list[str] = field(default_factory=list)
+    already_done: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    num_meshes: int = 0
+    seconds: float = 0.0
+    workers: int = 1
+    num_scenes_total: int = 0
+    aborted: bool = False
+
+    @property
+    def meshes_per_second(self) -> float:
+        """Objects written per second of wall time."""
+        return self.num_meshes / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as stored in ``prepare_report.json``."""
+        return asdict(self) | {"meshes_per_second": round(self.meshes_per_second, 3)}
+
+    def summary(self) -> str:
+        """A human-readable multi-line summary (one line per skipped scene)."""
+        lines = [
+            f"prepared {len(self.written)} scene(s) ({self.num_meshes} meshes, {self.meshes_per_second:.2f} meshes/s, "
+            f"{self.workers} worker(s)); {len(self.already_done)} already done; {len(self.skipped)} skipped; "
+            f"{self.num_scenes_total} scene(s) in {self.output_dir}/{layout.MANIFEST}"
+        ]
+        lines += [f"  skipped {s['scene']}: {s['reason']}" for s in self.skipped]
+        if self.aborted:
+            lines.append("  stopped at the first failure (--strict)")
+        return "\n".join(lines)
+
+
+def prepare_dataset(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    options: PrepareOptions | None = None,
+    workers: int = 1,
+    progress: bool = False,
+    strict: bool = False,
+) -> PrepareReport:
+    """Prepares every scene found in ``input_dir`` into ``output_dir`` (resumable).
+
+    Args:
+        input_dir: Scene folders and/or scene files, a single scene file, or a 3D-Front root.
+        output_dir: Dataset root (created if needed).
+        options: Settings; defaults when None.
+        workers: Worker processes (1 = in this process).
+        progress: Show a progress bar.
+        strict: Stop at the first skipped scene.
+
+    Raises:
+        DataError: The input does not exist or is already a prepared dataset.
+        UsageError: ``output_dir`` was prepared with other settings.
+    """
+    from midi.data.sources import discover_jobs
+
+    options = options or PrepareOptions()
+    jobs = discover_jobs(Path(input_dir), options.single_object)
+    return run_jobs(Path(output_dir), jobs, options, workers=workers, progress=progress, strict=strict)
+
+
+def run_jobs(
+    output_dir: Path,
+    jobs: Sequence[SceneJob],
+    options: PrepareOptions,
+    workers: int = 1,
+    progress: bool = False,
+    strict: bool = False,
+) -> PrepareReport:
+    """Runs scene jobs on ``workers`` processes, then writes the manifest and the report.
+
+    Args:
+        output_dir: Dataset root.
+        jobs: Scenes to prepare; finished ones are skipped.
+        options: Settings.
+        workers: Worker processes (1 = in this process).
+        progress: Show a progress bar.
+        strict: Stop at the first skipped scene.
+
+    Returns:
+        The report (also written to ``<output_dir>/prepare_report.json``).
+    """
+    output_dir = Path(output_dir)
+    _validate_options(options)
+    scenes = output_dir / layout.SCENES_DIR
+    scenes.mkdir(parents=True, exist_ok=True)
+    check_resume_settings(output_dir, options)
+    remove_stale_tmp(scenes)
+    report = PrepareReport(str(output_dir), workers=max(1, workers))
+    pending = []
+    for job in jobs:
+        if layout.is_finished(layout.scene_dir(output_dir, job.scene_id)):
+            report.already_done.append(job.scene_id)
+        else:
+            pending.append(job)
+    start = time.perf_counter()
+    with tqdm(total=len(jobs), initial=len(report.already_done), disable=not progress, unit="scene") as bar:
+        for outcome in _outcomes(output_dir, pending, options, workers):
+            _record(report, outcome)
+            bar.update(1)
+            bar.set_postfix(meshes=report.num_meshes, skipped=len(report.skipped))
+            if strict and outcome.status == "skipped":
+                report.aborted = True
+                break
+    report.seconds = time.perf_counter() - start
+    report.num_scenes_total = len(write_manifest(output_dir, options)["scenes"])
+    write_json(output_dir / REPORT_NAME, report.to_json())
+    return report
+
+
+def _validate_options(options: PrepareOptions) -> None:
+    if options.surface_format not in ("npy", "npz"):
+        raise UsageError(f"surface format must be npy or npz, got {options.surface_format!r}")
+    if options.num_samples < 1 or options.image_size < 8 or options.views < 1:
+        raise UsageError("num_samples must be >= 1, image_size >= 8 and views >= 1")
+    if not 0.0 < options.bound <= 1.0:
+        raise UsageError(f"margin must leave a bound in (0, 1], got bound {options.bound}")
+    if options.render not in ("auto", "always", "never"):
+        raise UsageError(f"render must be auto, always or never, got {options.render!r}")
+
+
+def _record(report: PrepareReport, outcome: SceneOutcome) -> None:
+    if outcome.status == "written":
+        report.written.append(outcome.scene_id)
+        report.num_meshes += outcome.num_objects
+    elif outcome.status == "done":
+        report.already_done.append(outcome.scene_id)
+    else:
+        report.skipped.append({"scene": outcome.scene_id, "reason": outcome.reason})
+
+
+def _outcomes(output_dir: Path, jobs: Sequence[SceneJob], options: PrepareOptions, workers: int):
+    """Yields one outcome per job as they finish (in this process when workers <= 1)."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield process_job(job, output_dir, options)
+        return
+    pool = ProcessPoolExecutor(max_workers=workers)
+    try:
+        # Keep only a few jobs queued per worker, so a --strict stop or Ctrl-C leaves little to cancel.
+        queue = list(reversed(jobs))
+        running: set[Future[SceneOutcome]] = set()
+        while queue or running:
+            while queue and len(running) < 2 * workers:
+                running.add(pool.submit(process_job, queue.pop(), output_dir, options))
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def process_job(job: SceneJob, output_dir: Path, options: PrepareOptions) -> SceneOutcome:
+    """Builds and writes one scene; never raises for bad input (worker entry point).
+
+    Returns:
+        ``written`` with the object count, ``done`` if finished earlier, or ``skipped`` with
+        a one-line reason.
+    """
+    from midi.data.sources import build_content
+
+    start = time.perf_counter()
+    if layout.is_finished(layout.scene_dir(output_dir, job.scene_id)):
+        return SceneOutcome(job.scene_id, "done")
+    try:
+        content = build_content(job, options)
+        write_scene(output_dir, job.scene_id, content, options)
+    except DataError as exc:
+        return SceneOutcome(job.scene_id, "skipped", str(exc))
+    except Exception as exc:  # a per-scene failure must never stop the run
+        return SceneOutcome(job.scene_id, "skipped", str(DataError(f"{type(exc).__name__}: {exc}")))
+    return SceneOutcome(job.scene_id, "written", num_objects=len(content.objects), seconds=time.perf_counter() - start)
+
+
+def write_scene(output_dir: Path, scene_id: str, content: SceneContent, options: PrepareOptions) -> Path:
+    """Writes one scene into a temporary folder and renames it into place.
+
+    Returns:
+        The final scene folder.
+    """
+    scenes = Path(output_dir) / layout.SCENES_DIR
+    tmp = make_tmp_dir(scenes, scene_id)
+    try:
+        (tmp / layout.SURFACES_DIR).mkdir()
+        (tmp / layout.VIEWS_DIR).mkdir()
+        objects = [_write_object(tmp, obj, options.surface_format) for obj in content.objects]
+        views = [_write_view(tmp, k, view) for k, view in enumerate(content.views)]
+        write_json(tmp / layout.SCENE_JSON, _scene_record(scene_id, content, objects, views, options))
+        final = layout.scene_dir(output_dir, scene_id)
+        commit_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _write_object(scene: Path, obj: ObjectData, surface_format: str) -> dict[str, Any]:
+    path = layout.surface_path(scene, obj.name, surface_format)
+    save_surface(path, obj.points, obj.normals)
+    rel = f"{layout.SURFACES_DIR}/{path.name}"
+    return {"name": obj.name, "surface": rel, "source": obj.source, "num_points": int(len(obj.points))} | obj.info
+
+
+def _write_view(scene: Path, index: int, view: ViewData) -> dict[str, Any]:
+    name = layout.view_name(index)
+    image_path, ids_path = layout.view_paths(scene, name)
+    save_png(image_path, Image.fromarray(view.rgb))
+    save_png(ids_path, labels_to_image(view.ids))
+    counts = np.bincount(view.ids.ravel()).tolist()
+    record = {"name": name, "image": f"{layout.VIEWS_DIR}/{image_path.name}", "id_map": f"{layout.VIEWS_DIR}/{ids_path.name}"}
+    return record | {"instance_pixels": counts[1:], "camera": view.camera} | view.source
+
+
+def _scene_record(
+    scene_id: str, content: SceneContent, objects: list[dict], views: list[dict], options: PrepareOptions
+) -> dict[str, Any]:
+    return {
+        "format": layout.FORMAT,
+        "version": layout.VERSION,
+        "id": scene_id,
+        "objects": objects,
+        "views": views,
+        "normalization": content.normalization,
+        "dropped": content.dropped,
+        "source": content.source,
+        "num_surface_points": options.num_samples,
+        "image_size": options.image_size,
+        "surface_format": options.surface_format,
+        "background": list(options.background),
+        "seed": options.seed,
+    }
+
+
+def finished_scenes(output_dir: Path) -> dict[str, dict[str, Any]]:
+    """Reads the ``scene.json`` of every finished scene (sorted by id).
+
+    Unreadable records are ignored here (the check reports them).
+    """
+    scenes = Path(output_dir) / layout.SCENES_DIR
+    out: dict[str, dict[str, Any]] = {}
+    if not scenes.is_dir():
+        return out
+    for folder in sorted(scenes.iterdir()):
+        if layout.is_tmp_name(folder.name) or not layout.is_finished(folder):
+            continue
+        try:
+            out[folder.name] = layout.read_json(folder / layout.SCENE_JSON)
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def check_resume_settings(output_dir: Path, options: PrepareOptions) -> None:
+    """Refuses to mix scenes prepared with other sample counts, image sizes or surface formats.
+
+    Raises:
+        UsageError: Naming the setting, the old and the new value.
+    """
+    manifest = Path(output_dir) / layout.MANIFEST
+    old: dict[str, Any] = {}
+    if manifest.is_file():
+        old = layout.read_json(manifest)
+    else:
+        records = finished_scenes(output_dir)
+        old = next(iter(records.values()), {})
+    wanted = {"num_surface_points": options.num_samples, "image_size": options.image_size,
+              "surface_format": options.surface_format}  # fmt: skip
+    for key, value in wanted.items():
+        if key in old and old[key] != value:
+            raise UsageError(f"{output_dir} was prepared with {key}={old[key]}, not {value}; use the same or a new folder")
+
+
+def write_manifest(output_dir: Path, options: PrepareOptions) -> dict[str, Any]:
+    """Writes ``manifest.json`` listing every finished scene and the splits (atomically).
+
+    Returns:
+        The manifest.
+    """
+    records = finished_scenes(output_dir)
+    scenes = [
+        {"id": sid, "objects": [o["name"] for o in rec.get("objects", [])], "views": [v["name"] for v in rec.get("views", [])]}
+        for sid, rec in records.items()
+    ]
+    manifest = {
+        "format": layout.FORMAT,
+        "version": layout.VERSION,
+        "num_surface_points": options.num_samples,
+        "image_size": options.image_size,
+        "surface_format": options.surface_format,
+        "background": list(options.background),
+        "scenes": scenes,
+        "splits": layout.assign_splits(list(records), options.val_fraction, options.test_fraction, options.seed),
+        "split_settings": {"val_fraction": options.val_fraction, "test_fraction": options.test_fraction, "seed": options.seed},
+    }
+    write_json(Path(output_dir) / layout.MANIFEST, manifest)
+    return manifest

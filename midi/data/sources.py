@@ -1,0 +1,324 @@
+"""Input kinds of ``prepare_data.py``: finding scenes and turning each into a :class:`SceneContent`.
+
+Kinds (see :data:`midi.data.jobs.JOB_KINDS`):
+
+- ``folder``: a folder per scene with one mesh file per object. Optional scene images with
+  instance id maps (``X.png`` + ``X_ids.png``/``X_seg.png``, ``X_rgb.png`` + ``X_seg.png``,
+  ``render_N`` + ``semantic_N``) and an optional ``instances.json`` naming the mesh of each id:
+  either a list of mesh file names (id k+1 = entry k) or ``{"1": "chair.obj", ...}``. Without it
+  the ids follow the sorted mesh file names.
+- ``scene_file``: one mesh file whose nodes (glTF nodes, OBJ objects, STL bodies) are the instances.
+- ``single_object``: one mesh file that is one object, normalised alone (``--single_object``).
+- ``3d-front``: a room of the 3D-Front (MIDI) layout, converted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from midi.data import front3d
+from midi.data.errors import DataError
+from midi.data.images import (
+    pad_to_square,
+    read_label_map,
+    read_rgb,
+    resize_labels,
+    resize_rgb,
+    to_uint8,
+)
+from midi.data.jobs import (
+    ObjectData,
+    PrepareOptions,
+    SceneContent,
+    SceneJob,
+    ViewData,
+    check_extra_labels,
+    drop_unseen,
+    label_counts,
+    normalise_objects,
+    render_views,
+    sample_objects,
+)
+from midi.data.layout import detect_layout, safe_name, unique_names
+from midi.data.meshes import MESH_SUFFIXES, NamedMesh, is_mesh_file, load_instances, load_object
+from midi.data.surface_io import load_surface
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+ID_SUFFIXES = ("_ids", "_seg", "_id", "_instances")
+INSTANCES_JSON = "instances.json"
+
+
+def discover_jobs(input_path: Path, single_object: bool = False) -> list[SceneJob]:
+    """Finds the scenes of an input folder (or a single scene file).
+
+    Every sub-folder is a ``folder`` scene; every mesh file at the top level is a ``scene_file``
+    (or a ``single_object`` scene with ``single_object=True``); a 3D-Front root yields one job per
+    room. Hidden entries are ignored.
+
+    Raises:
+        DataError: The input does not exist or is already a prepared dataset.
+    """
+    input_path = Path(input_path)
+    if input_path.is_file():
+        kind = "single_object" if single_object else "scene_file"
+        return [SceneJob(safe_name(input_path.stem, "scene"), kind, str(input_path))]
+    if not input_path.is_dir():
+        raise DataError(f"{input_path}: input not found")
+    layout = detect_layout(input_path)
+    if layout == "midi-scenes":
+        raise DataError(f"{input_path}: already a prepared dataset (use --check)")
+    if layout == "3d-front":
+        return _front_jobs(input_path)
+    return _folder_jobs(input_path, single_object)
+
+
+def _folder_jobs(root: Path, single_object: bool) -> list[SceneJob]:
+    entries = [e for e in sorted(root.iterdir()) if not e.name.startswith(".")]
+    picked = [(e, "folder") for e in entries if e.is_dir()]
+    file_kind = "single_object" if single_object else "scene_file"
+    picked += [(e, file_kind) for e in entries if is_mesh_file(e)]
+    ids = unique_names(safe_name(e.name if e.is_dir() else e.stem, "scene") for e, _ in picked)
+    return [SceneJob(sid, kind, str(e)) for sid, (e, kind) in zip(ids, picked)]
+
+
+def _front_jobs(root: Path) -> list[SceneJob]:
+    rooms = front3d.read_rooms(root)
+    ids = unique_names(front3d.room_scene_id(room) for room, _ in rooms)
+    return [SceneJob(sid, "3d-front", str(root), room, tuple(names)) for sid, (room, names) in zip(ids, rooms)]
+
+
+def build_content(job: SceneJob, options: PrepareOptions) -> SceneContent:
+    """Turns one job into its content (worker side).
+
+    Raises:
+        DataError: Any problem with the scene's inputs, as one line.
+    """
+    if job.kind == "3d-front":
+        return build_front_content(job, options)
+    if job.kind == "synthetic":
+        from midi.data.synthetic import build_synthetic_content
+
+        return build_synthetic_content(job, options)
+    if job.kind == "folder":
+        objects, dropped, user_views = _load_folder(Path(job.path), options)
+    elif job.kind == "scene_file":
+        objects, skipped = load_instances(Path(job.path))
+        dropped = [{"name": node, "reason": reason} for node, reason in skipped]
+        objects, user_views = _name_instances(objects), []
+    elif job.kind == "single_object":
+        objects, dropped, user_views = [load_object(Path(job.path))], [], []
+    else:
+        raise DataError(f"{job.scene_id}: unknown job kind {job.kind!r}")
+    content = build_mesh_content(job, objects, user_views, options)
+    content.dropped = dropped + content.dropped
+    return content
+
+
+def _name_instances(objects: list[NamedMesh]) -> list[NamedMesh]:
+    names = unique_names(safe_name(o.name, "object") for o in objects)
+    return [NamedMesh(n, o.mesh, o.source) for n, o in zip(names, objects)]
+
+
+def build_mesh_content(
+    job: SceneJob, objects: list[NamedMesh], user_views: list[ViewData], options: PrepareOptions
+) -> SceneContent:
+    """Normalises, takes or renders the views, and samples the surfaces of mesh objects.
+
+    Raises:
+        DataError: Bad meshes, or user id maps that do not match the meshes.
+    """
+    objects, norm = normalise_objects(objects, options.bound)
+    dropped: list[dict[str, str]] = []
+    if user_views and options.render != "always":
+        check_label_coverage(user_views, [o.name for o in objects])
+        views = user_views
+    elif options.render == "never":
+        raise DataError(f"{job.path}: no scene images and --render never")
+    else:
+        views = render_views(objects, options)
+        names = [o.name for o in objects]
+        objects, views, dropped = drop_unseen(objects, names, views, 1, "not visible in any rendered view")
+    samples = sample_objects(objects, options, job.scene_id)
+    source = {"kind": job.kind, "path": str(job.path)}
+    return SceneContent(samples, views, norm.to_json(), source, dropped)
+
+
+def check_label_coverage(views: list[ViewData], names: list[str]) -> None:
+    """Checks user id maps against the objects: no unknown label, every object in some view.
+
+    Raises:
+        DataError: The labels do not match the meshes.
+    """
+    check_extra_labels(views, names)
+    seen = label_counts(views, len(names)).sum(axis=0)[1:]
+    missing = [names[k] for k in np.flatnonzero(seen == 0)]
+    if missing:
+        used = [int(k) + 1 for k in np.flatnonzero(seen > 0)]
+        files = ", ".join(Path(v.source.get("id_map", "?")).name for v in views)
+        raise DataError(
+            f"{files}: labels {used} but the scene has {len(names)} meshes; in no id map: {', '.join(missing)}"
+        )
+
+
+def _load_folder(folder: Path, options: PrepareOptions) -> tuple[list[NamedMesh], list, list[ViewData]]:
+    mesh_files = _ordered_mesh_files(folder)
+    names = unique_names(safe_name(p.stem, "object") for p in mesh_files)
+    objects = [load_object(p, n) for p, n in zip(mesh_files, names)]
+    views = [] if options.render == "always" else folder_views(folder, options)
+    return objects, [], views
+
+
+def _ordered_mesh_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.iterdir() if is_mesh_file(p) and not p.name.startswith("."))
+    if not files:
+        raise DataError(f"{folder.name}: no mesh files ({', '.join(MESH_SUFFIXES)})")
+    mapping = folder / INSTANCES_JSON
+    if not mapping.is_file():
+        return files
+    order = _read_instances_json(mapping)
+    by_name = {p.name: p for p in files}
+    unknown = [n for n in order if n not in by_name]
+    if unknown:
+        raise DataError(f"{mapping}: names files that are not in the folder: {unknown}")
+    unnamed = sorted(set(by_name) - set(order))
+    if unnamed:
+        raise DataError(f"{mapping}: mesh files without an id: {unnamed}")
+    return [by_name[n] for n in order]
+
+
+def _read_instances_json(path: Path) -> list[str]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from exc
+    if isinstance(data, list):
+        return [str(v) for v in data]
+    if isinstance(data, dict):
+        try:
+            ids = sorted((int(k), str(v)) for k, v in data.items())
+        except ValueError:
+            raise DataError(f"{path}: keys must be integer ids") from None
+        if [k for k, _ in ids] != list(range(1, len(ids) + 1)):
+            raise DataError(f"{path}: ids must be 1..{len(ids)} without gaps, got {[k for k, _ in ids]}")
+        return [v for _, v in ids]
+    raise DataError(f"{path}: expected a list of mesh files or an {{id: mesh file}} object")
+
+
+def find_view_pairs(folder: Path) -> list[tuple[Path, Path]]:
+    """Pairs every scene image in a folder with its id map.
+
+    Raises:
+        DataError: An image without id map, or an id map without image.
+    """
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    maps = {p.stem.lower(): p for p in images if _is_id_map(p.stem)}
+    pairs, used = [], set()
+    for image in (p for p in images if not _is_id_map(p.stem)):
+        match = next((maps[c] for c in _id_map_candidates(image.stem) if c in maps), None)
+        if match is None:
+            raise DataError(f"{image}: scene image without id map (expected e.g. {image.stem}_ids.png)")
+        pairs.append((image, match))
+        used.add(match.stem.lower())
+    orphans = sorted(set(maps) - used)
+    if orphans:
+        raise DataError(f"{maps[orphans[0]]}: id map without scene image")
+    return pairs
+
+
+def _is_id_map(stem: str) -> bool:
+    low = stem.lower()
+    return low.endswith(ID_SUFFIXES) or low.startswith("semantic_")
+
+
+def _id_map_candidates(stem: str) -> list[str]:
+    low = stem.lower()
+    bases = [low, low[:-4]] if low.endswith("_rgb") else [low]
+    names = [f"{b}{s}" for b in bases for s in ID_SUFFIXES]
+    for prefix in ("render_", "rerender_"):
+        if low.startswith(prefix):
+            names.append("semantic_" + low[len(prefix) :])
+    return names
+
+
+def folder_views(folder: Path, options: PrepareOptions) -> list[ViewData]:
+    """Reads, pads to square and resizes the user views of a scene folder."""
+    return [load_view(image, idmap, options) for image, idmap in find_view_pairs(folder)]
+
+
+def load_view(image: Path, idmap: Path, options: PrepareOptions) -> ViewData:
+    """Reads one user view: RGBA composited on the background, padded to square, resized.
+
+    Raises:
+        DataError: Unreadable image or id map, or different sizes.
+    """
+    rgb = read_rgb(image, options.background)
+    labels = read_label_map(idmap)
+    if rgb.shape[:2] != labels.shape:
+        raise DataError(f"{idmap}: id map is {labels.shape[::-1]} but the image is {rgb.shape[1::-1]}")
+    rgb = resize_rgb(pad_to_square(rgb, options.background), options.image_size)
+    labels = resize_labels(pad_to_square(labels, 0), options.image_size)
+    source = {"rendered": False, "image": str(image), "id_map": str(idmap)}
+    return ViewData(to_uint8(rgb), labels.astype(np.int32), None, source)
+
+
+def build_front_content(job: SceneJob, options: PrepareOptions) -> SceneContent:
+    """Converts one 3D-Front room: surfaces read safely, views resized, labels checked.
+
+    Surfaces already inside [-1, 1]^3 are kept as they are; otherwise the room is normalised
+    jointly (recorded in ``scene.json``). Objects in no id map are dropped with the reason.
+
+    Raises:
+        DataError: Missing/unreadable surfaces, too few points, no views, bad labels.
+    """
+    root = Path(job.path)
+    names = list(job.names)
+    views = [load_view(img, idm, options) for img, idm, _ in front3d.room_views(root, job.room)]
+    if not views:
+        raise DataError(f"{front3d.RENDER_DIR}/{job.room}: no render with a semantic id map")
+    check_extra_labels(views, names)
+    surfaces = [load_surface(p) for p in front3d.surface_paths(root, job.room, names)]
+    for name, (points, _) in zip(names, surfaces):
+        if len(points) < options.num_samples:
+            raise DataError(f"{job.room}/{name}.npy: {len(points)} points < --num_samples {options.num_samples}")
+    norm = _front_normalization(surfaces, options.bound)
+    safe = unique_names(safe_name(n, "object") for n in names)
+    objects = [
+        ObjectData(s, f"{front3d.SURFACE_DIR}/{job.room}/{n}.npy", norm(p), nrm.copy())
+        for s, n, (p, nrm) in zip(safe, names, surfaces)
+    ]
+    objects, views, dropped = drop_unseen(objects, safe, views, 1, "in no id map")
+    source = {"kind": "3d-front", "path": str(root), "room": job.room}
+    return SceneContent(objects, views, norm.record, source, dropped)
+
+
+class _FrontNorm:
+    """Identity for rooms already inside [-1, 1]^3, else a joint bounding-box normalisation."""
+
+    def __init__(self, lo: np.ndarray, hi: np.ndarray, bound: float) -> None:
+        inside = bool(np.all(lo >= -1.0) and np.all(hi <= 1.0))
+        self.center = np.zeros(3) if inside else (lo + hi) / 2.0
+        self.scale = 1.0 if inside else 2.0 * bound / float(np.max(hi - lo))
+        self.record = {
+            "center": self.center.tolist(),
+            "scale": self.scale,
+            "bound": float(np.max(np.abs(np.concatenate([lo, hi])))) if inside else bound,
+            "formula": "normalised = (original - center) * scale",
+            "note": "kept as published (inside [-1, 1])" if inside else "renormalised jointly",
+        }
+
+    def __call__(self, points: np.ndarray) -> np.ndarray:
+        return ((points - self.center) * self.scale).astype(np.float32)
+
+
+def _front_normalization(surfaces: list[tuple[np.ndarray, np.ndarray]], bound: float) -> _FrontNorm:
+    finite = [p for p, _ in surfaces]
+    if not all(np.all(np.isfinite(p)) for p in finite):
+        raise DataError("non-finite surface points")
+    lo = np.min([p.min(axis=0) for p in finite], axis=0)
+    hi = np.max([p.max(axis=0) for p in finite], axis=0)
+    if not float(np.max(hi - lo)) > 0:
+        raise DataError("room surfaces have zero extent")
+    return _FrontNorm(lo, hi, bound)

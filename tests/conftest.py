@@ -1,0 +1,41 @@
+"""Shared fixtures: the upstream conformance pipeline, the in-process tiny pipeline, seeding."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+TESTS = Path(__file__).parent
+UPSTREAM = TESTS / "fixtures" / "upstream"
+UPSTREAM_PIPELINE = UPSTREAM / "tiny_pipeline"
+UPSTREAM_CASES = UPSTREAM / "cases" / "tiny_pipeline"
+DATA = TESTS / "data"
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def upstream_pipe():
+    """A fresh load of the upstream-written tiny pipeline folder (every case starts from one)."""
+    from midi import MIDIPipeline
+
+    pipe = MIDIPipeline.from_pretrained(UPSTREAM_PIPELINE)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def tiny_pipe():
+    from midi.testing import tiny_pipeline
+
+    return tiny_pipeline(seed=0)

@@ -1,0 +1,357 @@
+"""Invariants of the `midi` core beyond the recorded upstream cases."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from midi.models.attention_processor import multi_instance_attention, plan_instance_groups
+from tests.conftest import UPSTREAM_PIPELINE
+
+
+# ----------------------------------------------------------------------------- full-size configs
+def test_full_size_transformer_matches_release_layout():
+    from midi import TripoSGDiTModel
+
+    with torch.device("meta"):
+        model = TripoSGDiTModel()
+    state = model.state_dict()
+    assert len(state) == 743
+    assert sum(v.numel() for v in state.values()) == 1_681_911_616
+    W = 2048
+    expected = {
+        "time_proj.linear_1.weight": (4 * W, W), "time_proj.linear_2.weight": (W, 4 * W),
+        "proj_in.weight": (W, 64), "proj_out.weight": (64, W), "norm_out.weight": (W,),
+        "blocks.0.attn1.to_q.weight": (W, W), "blocks.0.attn1.norm_q.weight": (128,),
+        "blocks.0.attn2.to_k.weight": (W, 768), "blocks.0.attn2_2.to_v.weight": (W, 1024),
+        "blocks.0.ff.net.0.proj.weight": (4 * W, W), "blocks.0.ff.net.2.weight": (W, 4 * W),
+        "blocks.11.skip_linear.weight": (W, 2 * W), "blocks.20.skip_norm.bias": (W,),
+    }
+    for key, shape in expected.items():
+        assert tuple(state[key].shape) == shape, key
+    assert "blocks.10.skip_linear.weight" not in state and "blocks.0.attn1.to_q.bias" not in state
+    assert len(model.attn_processors) == 63
+
+
+def test_full_size_vae_matches_release_layout():
+    from midi import TripoSGVAEModel
+
+    with torch.device("meta"):
+        model = TripoSGVAEModel()
+    state = model.state_dict()
+    assert len(state) == 356
+    assert sum(v.numel() for v in state.values()) == 242_662_017
+    assert tuple(state["encoder.proj_in.weight"].shape) == (512, 54)
+    assert tuple(state["decoder.proj_query.weight"].shape) == (1024, 51)
+    assert tuple(state["decoder.blocks.16.attn2.norm_cross.weight"].shape) == (1024,)
+    assert tuple(state["quant.weight"].shape) == (128, 512)
+    assert "decoder.blocks.16.attn1.to_q.weight" not in state
+
+
+# ----------------------------------------------------------------------------- multi-instance attention
+def naive_mi_attention(q, k, v, counts, per_batch=None):
+    """Upstream's formulation: per group, K/V of all instances concatenated and copied per row."""
+    rows = []
+    start = 0
+    counts = counts if isinstance(counts, list) else [counts] * (q.shape[0] // counts)
+    while start < q.shape[0]:
+        for n in counts:
+            kk = torch.cat(list(k[start:start + n]), dim=1)  # (H, n*T, D)
+            vv = torch.cat(list(v[start:start + n]), dim=1)
+            for r in range(start, start + n):
+                w = torch.softmax(q[r] @ kk.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+                rows.append(w @ vv)
+            start += n
+            for r in range(start, start + ((per_batch - n) if per_batch else 0)):
+                w = torch.softmax(q[r] @ k[r].transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+                rows.append(w @ v[r])
+            start += (per_batch - n) if per_batch else 0
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize(
+    "batch, counts, per_batch",
+    [(1, 1, None), (3, 3, None), (6, 3, None), (8, 2, None), (4, 4, None),  # int: scenes / CFG
+     (5, [2, 3], None), (10, [2, 3], None), (6, [1, 2, 3], None),  # packed scenes, with CFG repeat
+     (8, [3, 1], 4), (16, [3, 1], 4), (5, [5], 5)],  # upstream padded layout
+)
+def test_mi_attention_matches_naive_reference(batch, counts, per_batch):
+    g = torch.Generator().manual_seed(batch)
+    q, k, v = (torch.randn(batch, 2, 7, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    ours = multi_instance_attention(q, k, v, counts, per_batch)
+    torch.testing.assert_close(ours, naive_mi_attention(q, k, v, counts, per_batch), atol=1e-10, rtol=1e-10)
+
+
+def test_mi_attention_single_instance_is_self_attention():
+    q, k, v = (torch.randn(4, 2, 5, 8) for _ in range(3))
+    torch.testing.assert_close(multi_instance_attention(q, k, v, 1), torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize(
+    "batch, counts, per_batch, message",
+    [(5, 3, None, "multiple of num_instances"), (7, [2, 3], None, "expected a multiple of 5"),
+     (8, [5, 1], 4, "more instances than num_instances_per_batch"), (4, [0, 4], None, "positive")],
+)
+def test_mi_attention_rejects_bad_counts(batch, counts, per_batch, message):
+    with pytest.raises(ValueError, match=message):
+        plan_instance_groups(batch, counts, per_batch)
+
+
+def test_mi_processor_without_num_instances_raises(tiny_pipe):
+    from midi.testing import TINY_MI_BLOCKS
+
+    tiny_pipe.init_custom_adapter(set_self_attn_module_names=TINY_MI_BLOCKS)
+    x, ehs, ehs2 = torch.randn(2, 64, 8), torch.randn(2, 1, 16), torch.randn(2, 17, 32)
+    with pytest.raises(ValueError, match="no num_instances"):
+        tiny_pipe.transformer(x, torch.tensor([10.0, 10.0]), ehs, ehs2)
+    with pytest.raises(ValueError, match="multiple of num_instances"):
+        tiny_pipe.transformer(x, torch.tensor([10.0, 10.0]), ehs, ehs2, attention_kwargs={"num_instances": 3})
+
+
+def test_mi_block_selection_prefix_and_exact(tiny_pipe, caplog):
+    from midi.loaders.custom_adapter import set_mi_attention
+
+    with caplog.at_level(logging.WARNING):
+        chosen = set_mi_attention(tiny_pipe.transformer, ["blocks.1"])
+    assert chosen == ["blocks.1.attn1.processor"]  # 5 blocks: no blocks.1x to prefix-match
+    assert set_mi_attention(tiny_pipe.transformer, ["blocks.3", "blocks.4"], exact=True) == [
+        "blocks.3.attn1.processor", "blocks.4.attn1.processor"]
+    with pytest.raises(ValueError, match="selects no transformer block"):
+        set_mi_attention(tiny_pipe.transformer, ["blocks.9"])
+
+
+def test_mi_prefix_match_warns_like_upstream():
+    from midi import TripoSGDiTModel
+    from midi.loaders.custom_adapter import set_mi_attention
+
+    model = TripoSGDiTModel(num_attention_heads=2, width=8, in_channels=4, num_layers=12, cross_attention_dim=4,
+                            cross_attention_2_dim=4)
+    assert len(set_mi_attention(model, ["blocks.1"])) == 3  # blocks.1, blocks.10, blocks.11 (upstream)
+    assert len(set_mi_attention(model, ["blocks.1"], exact=True)) == 1
+
+
+# ----------------------------------------------------------------------------- transformer behaviour
+def _inputs(batch=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 64, 8, generator=g), torch.rand(batch, generator=g) * 1000,
+            torch.randn(batch, 1, 16, generator=g), torch.randn(batch, 17, 32, generator=g))
+
+
+def test_scalar_timestep_is_broadcast(tiny_pipe):
+    x, _, e1, e2 = _inputs()
+    with torch.no_grad():
+        a = tiny_pipe.transformer(x, 500.0, e1, e2).sample
+        b = tiny_pipe.transformer(x, torch.full((3,), 500.0), e1, e2).sample
+    assert torch.equal(a, b)
+
+
+def test_gradient_checkpointing_same_gradients(tiny_pipe):
+    x, t, e1, e2 = _inputs()
+    model = tiny_pipe.transformer.train()
+    grads = []
+    for enable in (False, True):
+        model.zero_grad()
+        if enable:
+            model.enable_gradient_checkpointing()
+        model(x, t, e1, e2).sample.square().mean().backward()
+        grads.append(model.proj_in.weight.grad.clone())
+    assert model.is_gradient_checkpointing
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_lora_starts_as_identity_and_scale_zero_is_base(tiny_pipe):
+    from midi.lora import lora_config_dict
+    from midi.testing import TINY_MI_BLOCKS
+
+    tiny_pipe.init_custom_adapter(TINY_MI_BLOCKS, exact_module_names=True)
+    x, t, e1, e2 = _inputs()
+    kw = {"num_instances": 3}
+    with torch.no_grad():
+        base = tiny_pipe.transformer(x, t, e1, e2, attention_kwargs=kw).sample
+        tiny_pipe.init_custom_adapter(TINY_MI_BLOCKS, transformer_lora_config=lora_config_dict(4, 4), exact_module_names=True)
+        assert torch.equal(tiny_pipe.transformer(x, t, e1, e2, attention_kwargs=kw).sample, base)
+        for name, p in tiny_pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+        changed = tiny_pipe.transformer(x, t, e1, e2, attention_kwargs=kw).sample
+        zero = tiny_pipe.transformer(x, t, e1, e2, attention_kwargs={**kw, "scale": 0.0}).sample
+    assert (changed - base).abs().max() > 1e-3
+    torch.testing.assert_close(zero, base, atol=1e-6, rtol=0)
+    trainable = {n for n, p in tiny_pipe.transformer.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_custom_adapter_round_trip_and_strict_errors(tiny_pipe, tmp_path):
+    from midi.loaders.custom_adapter import AdapterError
+    from midi.lora import lora_config_dict
+    from midi.testing import TINY_MI_BLOCKS, tiny_pipeline
+
+    config = lora_config_dict(4, 8, init_lora_weights=False)
+    tiny_pipe.init_custom_adapter(TINY_MI_BLOCKS, transformer_lora_config=config, exact_module_names=True)
+    path = tiny_pipe.save_custom_adapter(tmp_path, "adapter.safetensors")
+    x, t, e1, e2 = _inputs()
+    kw = {"num_instances": 3}
+    with torch.no_grad():
+        ref = tiny_pipe.transformer(x, t, e1, e2, attention_kwargs=kw).sample
+    fresh = tiny_pipeline(0)
+    with pytest.raises(AdapterError, match="call init_custom_adapter"):
+        fresh.load_custom_adapter(path)
+    fresh.init_custom_adapter(TINY_MI_BLOCKS, transformer_lora_config=config, exact_module_names=True)
+    fresh.load_custom_adapter(tmp_path, weight_name="adapter.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh.transformer(x, t, e1, e2, attention_kwargs=kw).sample, ref)
+    other_rank = tiny_pipeline(0)
+    other_rank.init_custom_adapter(TINY_MI_BLOCKS, transformer_lora_config=lora_config_dict(2, 2), exact_module_names=True)
+    with pytest.raises(AdapterError, match=r"has shape \(4, 64\) but the model expects \(2, 64\)"):
+        other_rank.load_custom_adapter(path)
+    # Pickle files load through torch.load(weights_only=True); non-tensor payloads are refused.
+    torch.save({"transformer.x": {"not": "a tensor"}}, tmp_path / "bad.bin")
+    with pytest.raises(AdapterError, match="bad.bin"):
+        fresh.load_custom_adapter(tmp_path / "bad.bin")
+    (tmp_path / "corrupt.safetensors").write_bytes(b"garbage")
+    with pytest.raises(AdapterError, match="corrupt.safetensors: cannot read"):
+        fresh.load_custom_adapter(tmp_path / "corrupt.safetensors")
+
+
+def test_dinov2_channel_expansion_clone_and_zero(tiny_pipe):
+    from transformers import Dinov2Config, Dinov2Model
+
+    from midi.loaders.custom_adapter import PATCH_PROJECTION_KEY, expand_patch_projection
+
+    w = torch.randn(32, 3, 8, 8)
+    cloned = expand_patch_projection(w, 7, "clone")
+    assert torch.equal(cloned, w[:, [0, 1, 2, 0, 1, 2, 0]])
+    assert torch.equal(expand_patch_projection(w, 7, "zero")[:, 3:], torch.zeros(32, 4, 8, 8))
+    rgb = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+                                   patch_size=8, num_channels=3))
+    tiny_pipe.register_modules(image_encoder_2=rgb)
+    tiny_pipe.init_custom_adapter(["blocks.3"])
+    assert tiny_pipe.image_encoder_2.config.num_channels == 7
+    new = tiny_pipe.image_encoder_2.state_dict()[PATCH_PROJECTION_KEY]
+    assert torch.equal(new, rgb.state_dict()[PATCH_PROJECTION_KEY][:, [0, 1, 2, 0, 1, 2, 0]])
+
+
+# ----------------------------------------------------------------------------- loading / saving
+def test_save_pretrained_round_trip(upstream_pipe, tmp_path):
+    from midi import MIDIPipeline
+
+    upstream_pipe.save_pretrained(tmp_path / "saved")
+    ours = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    theirs = json.loads((UPSTREAM_PIPELINE / "model_index.json").read_text())
+    assert {k: v for k, v in ours.items() if not k.startswith("_")} == {k: v for k, v in theirs.items() if not k.startswith("_")}
+    again = MIDIPipeline.from_pretrained(tmp_path / "saved")
+    for name in ("transformer", "vae", "image_encoder_1", "image_encoder_2"):
+        a, b = getattr(upstream_pipe, name).state_dict(), getattr(again, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def pipeline_copy(tmp_path):
+    folder = tmp_path / "pipe"
+    shutil.copytree(UPSTREAM_PIPELINE, folder)
+    return folder
+
+
+def test_load_errors_name_the_component(pipeline_copy):
+    from midi import MIDIPipeline
+    from midi.pipelines.loading import PipelineLoadError
+
+    shutil.rmtree(pipeline_copy / "vae")
+    with pytest.raises(PipelineLoadError, match="component 'vae' is listed in model_index.json but vae/ is missing"):
+        MIDIPipeline.from_pretrained(pipeline_copy)
+
+
+def test_load_errors_wrong_shape(pipeline_copy):
+    from midi import MIDIPipeline
+    from midi.pipelines.loading import PipelineLoadError
+
+    file = pipeline_copy / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(file)
+    state["blocks.2.attn1.to_q.weight"] = torch.zeros(32, 64)
+    save_file(state, str(file))
+    with pytest.raises(PipelineLoadError, match=r"'transformer' key 'blocks.2.attn1.to_q.weight' expected shape \(64, 64\) \(from config.json\), found \(32, 64\)"):
+        MIDIPipeline.from_pretrained(pipeline_copy)
+    del state["blocks.2.attn1.to_q.weight"]
+    save_file(state, str(file))
+    with pytest.raises(PipelineLoadError, match="1 missing"):
+        MIDIPipeline.from_pretrained(pipeline_copy)
+
+
+def test_load_errors_unknown_class(pipeline_copy):
+    from midi import MIDIPipeline
+    from midi.pipelines.loading import PipelineLoadError
+
+    index = json.loads((pipeline_copy / "model_index.json").read_text())
+    index["image_encoder_2"] = ["transformers", "ViTModel"]
+    (pipeline_copy / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(PipelineLoadError, match="'image_encoder_2' is \\['transformers', 'ViTModel'\\]"):
+        MIDIPipeline.from_pretrained(pipeline_copy)
+
+
+def test_load_errors_image_encoder_weights(pipeline_copy):
+    from midi import MIDIPipeline
+    from midi.pipelines.loading import PipelineLoadError
+
+    config = json.loads((pipeline_copy / "image_encoder_2" / "config.json").read_text())
+    config["hidden_size"] = 48
+    (pipeline_copy / "image_encoder_2" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PipelineLoadError, match=r"component .image_encoder_2. key .embeddings.cls_token. expected shape \(1, 1, 48\) \(from config.json\), found \(1, 1, 32\)"):
+        MIDIPipeline.from_pretrained(pipeline_copy)
+
+
+# ----------------------------------------------------------------------------- pipeline / decoding
+def test_pipeline_defaults_num_instances_and_checks_inputs(tiny_pipe):
+    from PIL import Image
+
+    from midi.testing import TINY_MI_BLOCKS
+
+    tiny_pipe.init_custom_adapter(TINY_MI_BLOCKS)
+    img = [Image.new("RGB", (40, 40), c) for c in ("red", "green")]
+    masks = [Image.new("L", (40, 40), 255)] * 2
+    kwargs = dict(image=img, mask=masks, image_scene=img, num_inference_steps=2, output_type="latent",
+                  generator=torch.Generator().manual_seed(0))
+    implicit = tiny_pipe(**kwargs).samples
+    explicit = tiny_pipe(**kwargs | {"attention_kwargs": {"num_instances": 2}, "generator": torch.Generator().manual_seed(0)}).samples
+    assert torch.equal(implicit, explicit)
+    with pytest.raises(ValueError, match="one entry per instance"):
+        tiny_pipe(image=img, mask=masks[:1], image_scene=img, num_inference_steps=1)
+    with pytest.raises(ValueError, match="does not divide"):
+        tiny_pipe(**kwargs | {"attention_kwargs": {"num_instances": 3}})
+
+
+def test_decode_latents_dense_and_progressive(tiny_pipe):
+    latents = torch.randn(2, 64, 8, generator=torch.Generator().manual_seed(3))
+    out, grid_sizes, sizes, mins, maxs = tiny_pipe.decode_latents(latents, octree_depth=3)
+    assert out.shape == (2, 9**3, 1) and grid_sizes == [[9, 9, 9]] and len(mins) == 1
+    np.testing.assert_allclose(sizes[0], [2.01] * 3)
+    out_p, grid_sizes_p, _, mins_p, maxs_p = tiny_pipe.decode_latents(latents, decode_progressive=True, octree_depth=3)
+    assert out_p.shape == (2, 9**3, 1) and len(grid_sizes_p) == 2
+    points = torch.from_numpy(np.stack(np.meshgrid(*[np.linspace(-1.005, 1.005, 9, dtype=np.float32)] * 3, indexing="ij"), -1).reshape(-1, 3))
+    for i in range(2):
+        selected = points[out[i, :, 0] <= 0]
+        if len(selected):
+            np.testing.assert_allclose(mins_p[i], selected.min(0).values.numpy() - 0.05, rtol=1e-6)
+            np.testing.assert_allclose(maxs_p[i], selected.max(0).values.numpy() + 0.05, rtol=1e-6)
+
+
+def test_vae_fps_is_deterministic_and_spread():
+    from midi.models.autoencoders.autoencoder_kl_triposg import farthest_point_sampling
+
+    pts = torch.rand(2, 500, 3, generator=torch.Generator().manual_seed(0))
+    idx = farthest_point_sampling(pts, 20)
+    assert torch.equal(idx, farthest_point_sampling(pts, 20)) and (idx[:, 0] == 0).all()
+    for b in range(2):
+        chosen = pts[b, idx[b]]
+        assert len(set(idx[b].tolist())) == 20
+        # FPS picks are spread: their minimum pairwise distance beats random picks'.
+        d = torch.cdist(chosen, chosen) + torch.eye(20) * 10
+        rnd = pts[b, :20]
+        d_rnd = torch.cdist(rnd, rnd) + torch.eye(20) * 10
+        assert d.min() > d_rnd.min()
