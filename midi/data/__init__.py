@@ -25,7 +25,7 @@ _LAZY = {
     "load_surface": "midi.data.surface_io",
     "save_surface": "midi.data.surface_io",
     "prepare_dataset": "midi.data.prepare",
-    "PrepareOptions": "midi.data.prepare",
+    "PrepareOptions": "midi.data.jobs",
     "write_synthetic_dataset": "midi.data.synthetic",
     "make_synthetic_scene": "midi.data.synthetic",
     "check_dataset": "midi.data.check",

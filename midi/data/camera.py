@@ -65,7 +65,11 @@ def camera_record(camera: Camera, radius: float, width: int, height: int) -> dic
     focal = (height / 2.0) / math.tan(math.radians(camera.fov) / 2.0)
     intrinsics = [[focal, 0.0, width / 2.0], [0.0, focal, height / 2.0], [0.0, 0.0, 1.0]]
     record = asdict(camera) | {"distance": float(distance), "width": width, "height": height}
-    record |= {"eye": eye.tolist(), "intrinsics": intrinsics, "world_to_camera": _look_at(eye, target).tolist()}
+    record |= {
+        "eye": eye.tolist(),
+        "intrinsics": intrinsics,
+        "world_to_camera": _look_at(eye, target).tolist(),
+    }
     return record
 
 
@@ -100,8 +104,10 @@ def pixel_rays(record: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     cols, rows = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
     x = (cols.ravel() - k[0, 2]) / k[0, 0]
     y = (rows.ravel() - k[1, 2]) / k[1, 1]
-    dirs_cam = np.stack([x, y, np.ones_like(x)], axis=1)
-    dirs = dirs_cam @ world_to_camera[:3, :3]  # camera -> world (rotation transpose)
+    rot = world_to_camera[:3, :3]
+    # camera -> world is the rotation's transpose: a weighted sum of its rows. Written out instead of
+    # a matmul, since BLAS threads spinning in worker processes cost more than they save here.
+    dirs = x[:, None] * rot[0] + y[:, None] * rot[1] + rot[2]
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     origins = np.broadcast_to(np.asarray(record["eye"], np.float64), dirs.shape)
     return np.ascontiguousarray(origins), dirs
@@ -119,7 +125,13 @@ def project_points(record: dict[str, Any], points: np.ndarray) -> tuple[np.ndarr
         axis (points behind the camera have depth <= 0).
     """
     world_to_camera = np.asarray(record["world_to_camera"])
-    cam = points @ world_to_camera[:3, :3].T + world_to_camera[:3, 3]
+    rot = world_to_camera[:3, :3]
+    cam = (
+        points[:, :1] * rot[:, 0]
+        + points[:, 1:2] * rot[:, 1]
+        + points[:, 2:3] * rot[:, 2]
+        + world_to_camera[:3, 3]
+    )
     depth = cam[:, 2]
     k = np.asarray(record["intrinsics"])
     safe = np.where(np.abs(depth) < 1e-12, 1e-12, depth)

@@ -123,7 +123,9 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def check_surface(path: Path, scene: str, name: str, min_points: int) -> tuple[list[Problem], np.ndarray | None]:
+def check_surface(
+    path: Path, scene: str, name: str, min_points: int
+) -> tuple[list[Problem], np.ndarray | None]:
     """Checks one surface file.
 
     Returns:
@@ -139,11 +141,15 @@ def check_surface(path: Path, scene: str, name: str, min_points: int) -> tuple[l
         problems.append(Problem(scene, "nan", f"{name}: {bad} point(s) with NaN/inf"))
     finite = points[np.isfinite(points).all(1)]
     if len(finite) and np.abs(finite).max() > 1.0 + BOUND_TOLERANCE:
-        problems.append(Problem(scene, "out_of_bounds", f"{name}: |coordinate| up to {np.abs(finite).max():.4f} > 1"))
+        problems.append(
+            Problem(scene, "out_of_bounds", f"{name}: |coordinate| up to {np.abs(finite).max():.4f} > 1")
+        )
     norms = np.linalg.norm(normals, axis=1)
     off = np.abs(norms - 1.0) > NORMAL_TOLERANCE
     if np.any(off):
-        problems.append(Problem(scene, "non_unit_normals", f"{name}: {int(off.sum())} normal(s) not unit length"))
+        problems.append(
+            Problem(scene, "non_unit_normals", f"{name}: {int(off.sum())} normal(s) not unit length")
+        )
     if len(points) < min_points:
         problems.append(Problem(scene, "too_few_points", f"{name}: {len(points)} points < {min_points}"))
     if len(finite) and float(np.max(np.ptp(finite, axis=0))) < 1e-6:
@@ -166,7 +172,9 @@ def check_view(
         return [Problem(scene, "unreadable_view", str(exc))], None
     problems = []
     if labels.shape != (size[1], size[0]):
-        problems.append(Problem(scene, "size_mismatch", f"{ids.name} is {labels.shape[::-1]}, {image.name} is {size}"))
+        problems.append(
+            Problem(scene, "size_mismatch", f"{ids.name} is {labels.shape[::-1]}, {image.name} is {size}")
+        )
     present = np.unique(labels)
     extra = [int(v) for v in present if v < 0 or v > len(names)]
     if extra:
@@ -216,7 +224,9 @@ def check_manifest(root: Path) -> list[Problem]:
     listed = [entry["id"] for entry in manifest.get("scenes", [])]
     for sid in listed:
         if not layout.is_finished(layout.scene_dir(root, sid)):
-            problems.append(Problem(sid, "missing_scene", f"listed in {layout.MANIFEST} but no finished scene folder"))
+            problems.append(
+                Problem(sid, "missing_scene", f"listed in {layout.MANIFEST} but no finished scene folder")
+            )
     problems += _check_splits(manifest.get("splits", {}), set(listed))
     on_disk = {p.name for p in (root / layout.SCENES_DIR).glob("*") if layout.is_finished(p)}
     for sid in sorted(on_disk - set(listed)):

@@ -119,7 +119,9 @@ def read_manifest(root: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != layout.FORMAT:
         raise DataError(f"{path}: not a {layout.FORMAT} manifest")
     if int(manifest.get("version", 0)) > layout.VERSION:
-        raise DataError(f"{path}: version {manifest.get('version')} is newer than this reader ({layout.VERSION})")
+        raise DataError(
+            f"{path}: version {manifest.get('version')} is newer than this reader ({layout.VERSION})"
+        )
     return manifest
 
 
@@ -256,5 +258,13 @@ def load_scene_sample(
     surfaces = np.stack([subsample_surface(record.surface_paths[k], num_surface_points, rng) for k in kept])
     names = [record.object_names[k] for k in kept]
     return SceneSample(
-        record.scene_id, view_index, surfaces, instance_images.astype(np.float32), masks, rgb, names, kept, dropped
+        record.scene_id,
+        view_index,
+        surfaces,
+        instance_images.astype(np.float32),
+        masks,
+        rgb,
+        names,
+        kept,
+        dropped,
     )

@@ -72,7 +72,9 @@ def read_rooms(root: Path) -> list[tuple[str, list[str]]]:
         if rooms_file and furniture_file:
             rooms, furniture = _read_list(rooms_file), _read_list(furniture_file)
             if len(rooms) != len(furniture):
-                raise DataError(f"{rooms_file.name} lists {len(rooms)} rooms but {furniture_file.name} {len(furniture)}")
+                raise DataError(
+                    f"{rooms_file.name} lists {len(rooms)} rooms but {furniture_file.name} {len(furniture)}"
+                )
             return [(str(r), [str(n) for n in names]) for r, names in zip(rooms, furniture)]
     raise DataError(f"{root}: no room list with furniture list (midi_room_ids/midi_furniture_ids)")
 

@@ -139,7 +139,9 @@ def sample_objects(objects: Sequence[NamedMesh], options: PrepareOptions, scene_
     """Samples every object's surface with its own seeded generator (see :func:`object_rng`)."""
     out = []
     for index, obj in enumerate(objects):
-        points, normals = sample_surface(obj.mesh, options.num_samples, object_rng(options.seed, scene_id, index))
+        points, normals = sample_surface(
+            obj.mesh, options.num_samples, object_rng(options.seed, scene_id, index)
+        )
         info = {"num_faces": int(len(obj.mesh.faces)), "area": float(obj.mesh.area)}
         out.append(ObjectData(obj.name, obj.source, points, normals, info))
     return out
@@ -173,7 +175,9 @@ def check_extra_labels(views: Sequence[ViewData], names: Sequence[str]) -> None:
         extra = [int(v) for v in labels if v > len(names) or v < 0]
         if extra:
             where = Path(view.source.get("id_map", "id map")).name
-            raise DataError(f"{where}: labels {extra} but the scene has {len(names)} objects (labels 1..{len(names)})")
+            raise DataError(
+                f"{where}: labels {extra} but the scene has {len(names)} objects (labels 1..{len(names)})"
+            )
 
 
 def drop_unseen(

@@ -204,11 +204,15 @@ def joint_normalization(meshes: Sequence[trimesh.Trimesh], bound: float = DEFAUL
 
 def apply_normalization(obj: NamedMesh, norm: Normalization) -> NamedMesh:
     """Returns a copy of the object with the normalisation applied to its vertices."""
-    mesh = trimesh.Trimesh(norm.apply(np.asarray(obj.mesh.vertices)), np.asarray(obj.mesh.faces), process=False)
+    mesh = trimesh.Trimesh(
+        norm.apply(np.asarray(obj.mesh.vertices)), np.asarray(obj.mesh.faces), process=False
+    )
     return NamedMesh(obj.name, mesh, obj.source)
 
 
-def sample_surface(mesh: trimesh.Trimesh, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def sample_surface(
+    mesh: trimesh.Trimesh, count: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Draws area-weighted uniform samples on the surface with the normal of the hit face.
 
     Args:

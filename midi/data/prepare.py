@@ -5,6 +5,16 @@ complete; its ``scene.json`` is written last, so a folder with ``scene.json`` is
 and is skipped on a re-run. The manifest is rewritten last, atomically, listing every finished
 scene of the folder (also those of earlier runs). Scenes that fail are skipped with a one-line
 reason in the report; nothing of them is left on disk.
+
+``scene.json`` fields: ``format``, ``version``, ``id``; ``objects`` in id order, each with
+``name``, ``surface`` (path in the scene folder), ``source`` (input file, ``file#node`` for scene
+files), ``num_points``, and for meshes ``num_faces`` and ``area`` (normalised units);
+``views``, each with ``name``, ``image``, ``id_map``, ``instance_pixels`` (pixels per object),
+``camera`` (for rendered views: orbit parameters, ``eye``, OpenCV ``intrinsics`` and
+``world_to_camera``; null for user images), ``rendered`` and the source files of user views;
+``normalization`` (``center``, ``scale``, ``bound``: normalised = (original - center) * scale);
+``dropped`` (``name``, ``reason`` of objects left out); ``source`` (input kind and path);
+``num_surface_points``, ``image_size``, ``surface_format``, ``background``, ``seed``.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from midi.data.errors import DataError, UsageError
 from midi.data.images import labels_to_image, save_png
 from midi.data.jobs import ObjectData, PrepareOptions, SceneContent, SceneJob, ViewData
 from midi.data.surface_io import save_surface
+from midi.data.threads import single_threaded_blas, worker_init
 
 REPORT_NAME = "prepare_report.json"
 
@@ -115,8 +126,11 @@ def prepare_dataset(
     from midi.data.sources import discover_jobs
 
     options = options or PrepareOptions()
+    output_dir = Path(output_dir)
     jobs = discover_jobs(Path(input_dir), options.single_object)
-    return run_jobs(Path(output_dir), jobs, options, workers=workers, progress=progress, strict=strict)
+    # An output folder inside the input folder must not be taken for a scene on a re-run.
+    jobs = [j for j in jobs if Path(j.path).resolve() != output_dir.resolve()]
+    return run_jobs(output_dir, jobs, options, workers=workers, progress=progress, strict=strict)
 
 
 def run_jobs(
@@ -154,7 +168,10 @@ def run_jobs(
         else:
             pending.append(job)
     start = time.perf_counter()
-    with tqdm(total=len(jobs), initial=len(report.already_done), disable=not progress, unit="scene") as bar:
+    with (
+        single_threaded_blas(),
+        tqdm(total=len(jobs), initial=len(report.already_done), disable=not progress, unit="scene") as bar,
+    ):
         for outcome in _outcomes(output_dir, pending, options, workers):
             _record(report, outcome)
             bar.update(1)
@@ -195,7 +212,7 @@ def _outcomes(output_dir: Path, jobs: Sequence[SceneJob], options: PrepareOption
         for job in jobs:
             yield process_job(job, output_dir, options)
         return
-    pool = ProcessPoolExecutor(max_workers=workers)
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=worker_init)
     try:
         # Keep only a few jobs queued per worker, so a --strict stop or Ctrl-C leaves little to cancel.
         queue = list(reversed(jobs))
@@ -223,13 +240,16 @@ def process_job(job: SceneJob, output_dir: Path, options: PrepareOptions) -> Sce
     if layout.is_finished(layout.scene_dir(output_dir, job.scene_id)):
         return SceneOutcome(job.scene_id, "done")
     try:
-        content = build_content(job, options)
-        write_scene(output_dir, job.scene_id, content, options)
+        with single_threaded_blas():  # again per job: libraries loaded since the worker started
+            content = build_content(job, options)
+            write_scene(output_dir, job.scene_id, content, options)
     except DataError as exc:
         return SceneOutcome(job.scene_id, "skipped", str(exc))
     except Exception as exc:  # a per-scene failure must never stop the run
         return SceneOutcome(job.scene_id, "skipped", str(DataError(f"{type(exc).__name__}: {exc}")))
-    return SceneOutcome(job.scene_id, "written", num_objects=len(content.objects), seconds=time.perf_counter() - start)
+    return SceneOutcome(
+        job.scene_id, "written", num_objects=len(content.objects), seconds=time.perf_counter() - start
+    )
 
 
 def write_scene(output_dir: Path, scene_id: str, content: SceneContent, options: PrepareOptions) -> Path:
@@ -258,7 +278,12 @@ def _write_object(scene: Path, obj: ObjectData, surface_format: str) -> dict[str
     path = layout.surface_path(scene, obj.name, surface_format)
     save_surface(path, obj.points, obj.normals)
     rel = f"{layout.SURFACES_DIR}/{path.name}"
-    return {"name": obj.name, "surface": rel, "source": obj.source, "num_points": int(len(obj.points))} | obj.info
+    return {
+        "name": obj.name,
+        "surface": rel,
+        "source": obj.source,
+        "num_points": int(len(obj.points)),
+    } | obj.info
 
 
 def _write_view(scene: Path, index: int, view: ViewData) -> dict[str, Any]:
@@ -267,7 +292,11 @@ def _write_view(scene: Path, index: int, view: ViewData) -> dict[str, Any]:
     save_png(image_path, Image.fromarray(view.rgb))
     save_png(ids_path, labels_to_image(view.ids))
     counts = np.bincount(view.ids.ravel()).tolist()
-    record = {"name": name, "image": f"{layout.VIEWS_DIR}/{image_path.name}", "id_map": f"{layout.VIEWS_DIR}/{ids_path.name}"}
+    record = {
+        "name": name,
+        "image": f"{layout.VIEWS_DIR}/{image_path.name}",
+        "id_map": f"{layout.VIEWS_DIR}/{ids_path.name}",
+    }
     return record | {"instance_pixels": counts[1:], "camera": view.camera} | view.source
 
 
@@ -327,7 +356,9 @@ def check_resume_settings(output_dir: Path, options: PrepareOptions) -> None:
               "surface_format": options.surface_format}  # fmt: skip
     for key, value in wanted.items():
         if key in old and old[key] != value:
-            raise UsageError(f"{output_dir} was prepared with {key}={old[key]}, not {value}; use the same or a new folder")
+            raise UsageError(
+                f"{output_dir} was prepared with {key}={old[key]}, not {value}; use the same or a new folder"
+            )
 
 
 def write_manifest(output_dir: Path, options: PrepareOptions) -> dict[str, Any]:
@@ -338,7 +369,11 @@ def write_manifest(output_dir: Path, options: PrepareOptions) -> dict[str, Any]:
     """
     records = finished_scenes(output_dir)
     scenes = [
-        {"id": sid, "objects": [o["name"] for o in rec.get("objects", [])], "views": [v["name"] for v in rec.get("views", [])]}
+        {
+            "id": sid,
+            "objects": [o["name"] for o in rec.get("objects", [])],
+            "views": [v["name"] for v in rec.get("views", [])],
+        }
         for sid, rec in records.items()
     ]
     manifest = {
@@ -349,8 +384,14 @@ def write_manifest(output_dir: Path, options: PrepareOptions) -> dict[str, Any]:
         "surface_format": options.surface_format,
         "background": list(options.background),
         "scenes": scenes,
-        "splits": layout.assign_splits(list(records), options.val_fraction, options.test_fraction, options.seed),
-        "split_settings": {"val_fraction": options.val_fraction, "test_fraction": options.test_fraction, "seed": options.seed},
+        "splits": layout.assign_splits(
+            list(records), options.val_fraction, options.test_fraction, options.seed
+        ),
+        "split_settings": {
+            "val_fraction": options.val_fraction,
+            "test_fraction": options.test_fraction,
+            "seed": options.seed,
+        },
     }
     write_json(Path(output_dir) / layout.MANIFEST, manifest)
     return manifest

@@ -95,4 +95,4 @@ def _lambert(normals: np.ndarray, dirs: np.ndarray, record: dict[str, Any]) -> n
     # A light over the viewer's left shoulder: towards the camera, up and to the left (camera axes).
     light = rotation.T @ np.array([-0.4, -0.6, -1.0])
     light /= np.linalg.norm(light)
-    return AMBIENT + (1.0 - AMBIENT) * np.clip(facing @ light, 0.0, 1.0)
+    return AMBIENT + (1.0 - AMBIENT) * np.clip((facing * light).sum(axis=1), 0.0, 1.0)

@@ -87,7 +87,9 @@ def _folder_jobs(root: Path, single_object: bool) -> list[SceneJob]:
 def _front_jobs(root: Path) -> list[SceneJob]:
     rooms = front3d.read_rooms(root)
     ids = unique_names(front3d.room_scene_id(room) for room, _ in rooms)
-    return [SceneJob(sid, "3d-front", str(root), room, tuple(names)) for sid, (room, names) in zip(ids, rooms)]
+    return [
+        SceneJob(sid, "3d-front", str(root), room, tuple(names)) for sid, (room, names) in zip(ids, rooms)
+    ]
 
 
 def build_content(job: SceneJob, options: PrepareOptions) -> SceneContent:
@@ -282,7 +284,9 @@ def build_front_content(job: SceneJob, options: PrepareOptions) -> SceneContent:
     surfaces = [load_surface(p) for p in front3d.surface_paths(root, job.room, names)]
     for name, (points, _) in zip(names, surfaces):
         if len(points) < options.num_samples:
-            raise DataError(f"{job.room}/{name}.npy: {len(points)} points < --num_samples {options.num_samples}")
+            raise DataError(
+                f"{job.room}/{name}.npy: {len(points)} points < --num_samples {options.num_samples}"
+            )
     norm = _front_normalization(surfaces, options.bound)
     safe = unique_names(safe_name(n, "object") for n in names)
     objects = [

@@ -28,6 +28,7 @@ from midi.data.jobs import (
     sample_objects,
 )
 from midi.data.meshes import NamedMesh
+from midi.data.prepare import PrepareReport, run_jobs
 
 PRIMITIVES = ("box", "sphere", "cylinder", "cone", "torus", "capsule")
 MAX_ATTEMPTS = 20
@@ -46,7 +47,9 @@ def _sphere(rng: np.random.Generator) -> trimesh.Trimesh:
 
 
 def _cylinder(rng: np.random.Generator) -> trimesh.Trimesh:
-    return trimesh.creation.cylinder(radius=rng.uniform(0.15, 0.45), height=rng.uniform(0.3, 1.2), sections=32)
+    return trimesh.creation.cylinder(
+        radius=rng.uniform(0.15, 0.45), height=rng.uniform(0.3, 1.2), sections=32
+    )
 
 
 def _cone(rng: np.random.Generator) -> trimesh.Trimesh:
@@ -55,11 +58,15 @@ def _cone(rng: np.random.Generator) -> trimesh.Trimesh:
 
 def _torus(rng: np.random.Generator) -> trimesh.Trimesh:
     major = rng.uniform(0.25, 0.45)
-    return trimesh.creation.torus(major, major * rng.uniform(0.25, 0.45), major_sections=32, minor_sections=16)
+    return trimesh.creation.torus(
+        major, major * rng.uniform(0.25, 0.45), major_sections=32, minor_sections=16
+    )
 
 
 def _capsule(rng: np.random.Generator) -> trimesh.Trimesh:
-    return trimesh.creation.capsule(height=rng.uniform(0.2, 0.8), radius=rng.uniform(0.12, 0.3), count=[16, 16])
+    return trimesh.creation.capsule(
+        height=rng.uniform(0.2, 0.8), radius=rng.uniform(0.12, 0.3), count=[16, 16]
+    )
 
 
 _MAKERS: dict[str, Callable[[np.random.Generator], trimesh.Trimesh]] = {
@@ -156,7 +163,9 @@ def build_synthetic_content(job: SceneJob, options: PrepareOptions) -> SceneCont
     for attempt in range(MAX_ATTEMPTS):
         seed = job.seed if attempt == 0 else zlib.crc32(f"{job.seed}:{attempt}".encode())
         pieces = make_synthetic_scene(seed)
-        objects, norm = normalise_objects([NamedMesh(n, m, f"synthetic:{n}") for n, m in pieces], options.bound)
+        objects, norm = normalise_objects(
+            [NamedMesh(n, m, f"synthetic:{n}") for n, m in pieces], options.bound
+        )
         views = render_views(objects, options)
         if label_counts(views, len(objects))[:, 1:].min() >= need:
             source = {"kind": "synthetic", "seed": seed, "attempt": attempt}
@@ -166,7 +175,10 @@ def build_synthetic_content(job: SceneJob, options: PrepareOptions) -> SceneCont
 
 def synthetic_jobs(num_scenes: int, seed: int = 0, start: int = 0) -> list[SceneJob]:
     """Jobs for synthetic scenes ``start .. start+num_scenes-1`` (ids ``synthetic_00000``...)."""
-    return [SceneJob(f"synthetic_{i:05d}", "synthetic", seed=scene_seed(seed, i)) for i in range(start, start + num_scenes)]
+    return [
+        SceneJob(f"synthetic_{i:05d}", "synthetic", seed=scene_seed(seed, i))
+        for i in range(start, start + num_scenes)
+    ]
 
 
 def write_synthetic_dataset(
@@ -182,7 +194,7 @@ def write_synthetic_dataset(
     camera: Camera | None = None,
     background: Colour = (1.0, 1.0, 1.0),
     progress: bool = False,
-):  # -> PrepareReport (imported lazily to avoid a cycle)
+) -> PrepareReport:
     """Writes ``num_scenes`` synthetic scenes straight into the prepared layout.
 
     Resumable like any prepare run: scenes already finished in ``output_dir`` are kept.
@@ -204,10 +216,10 @@ def write_synthetic_dataset(
     Returns:
         The :class:`midi.data.prepare.PrepareReport`.
     """
-    from midi.data.prepare import run_jobs
-
     options = PrepareOptions(
         num_samples=num_samples, image_size=image_size, surface_format=surface_format, views=views,
         camera=camera or Camera(), background=background, seed=seed, val_fraction=val_fraction,
     )  # fmt: skip
-    return run_jobs(Path(output_dir), synthetic_jobs(num_scenes, seed), options, workers=workers, progress=progress)
+    return run_jobs(
+        Path(output_dir), synthetic_jobs(num_scenes, seed), options, workers=workers, progress=progress
+    )

@@ -1,0 +1,31 @@
+# Two commands for a fresh machine (CPU is enough):
+#   make demo   # end-to-end demo on the embedded tiny model (creates .venv on first use)
+#   make test   # the test suite (what CI runs)
+PYTHON ?= python3
+VENV := .venv
+REQ_HASH := $(shell cksum requirements.txt | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(REQ_HASH)
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): requirements.txt
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q -r requirements.txt
+	@rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/python demo.py
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(VENV)/bin/python bench/bench_mi_attention.py
+
+clean:
+	rm -rf demo_output .pytest_cache
