@@ -1,0 +1,214 @@
+#!/usr/bin/env python
+"""One image and its instance map -> a 3D scene (one mesh per instance), with or without a LoRA.
+
+Examples::
+
+    python inference_with_lora.py --rgb_image room_rgb.png --seg_image room_seg.png --output room.glb
+    python inference_with_lora.py --rgb_image room_rgb.png --seg_image room_seg.png --output room.glb \\
+        --lora_path outputs/my-run --lora_scale 0.8 --extraction coarse_to_fine
+    python inference_with_lora.py --input_dir scenes/ --output_dir results/ --format glb
+    python inference_with_lora.py ... --pretrained_model_name_or_path tiny   # small random demo model
+
+Writes ``room.glb`` (one node per instance, named ``instance_<label>``), ``room.png`` (a preview)
+and, with ``--save_instances``, ``room_<name>.glb`` per instance. See :mod:`midi.inference` for
+the accepted instance maps and the instance order.
+
+Exit status: 0 done; 2 bad input (one line ``error: <file>: <problem>`` on stderr, nothing
+written); 1 a scene produced no surface at all (batch mode: the other scenes are still written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from midi.inference import (
+    DEFAULT_MAX_INSTANCES,
+    DEFAULT_MODEL,
+    MESH_FORMATS,
+    GenerationOptions,
+    InputError,
+    InputOptions,
+    ModelOptions,
+    build_pipeline,
+    check_model_path,
+    find_pairs,
+    one_line,
+    output_format,
+    prepare_scene,
+    read_label_names,
+    run_scene,
+    save_outputs,
+    summary_line,
+)
+
+logger = logging.getLogger("inference_with_lora")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses the command line (argparse exits with status 2 on malformed options)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    io = p.add_argument_group("inputs and outputs (one scene, or a folder of X_rgb.png / X_seg.png pairs)")
+    io.add_argument("--rgb_image", type=Path, help="scene image (RGBA is composited on white)")
+    io.add_argument("--seg_image", type=Path, help="instance map: palette/grey label map or RGB colour-coded")
+    io.add_argument("--output", type=Path, help=f"scene file; format from the extension ({', '.join(MESH_FORMATS)})")
+    io.add_argument("--input_dir", type=Path, help="batch mode: folder of X_rgb.png / X_seg.png pairs")
+    io.add_argument("--output_dir", type=Path, help="batch mode: writes X.<format> (and X.png) here")
+    io.add_argument("--format", default="glb", choices=MESH_FORMATS, help="batch mode: output format")
+    io.add_argument("--save_instances", action="store_true", help="also write <stem>_<name>.<ext> per instance")
+    io.add_argument("--no_preview", action="store_true", help="do not write the <stem>.png preview")
+    io.add_argument("--preview_size", type=int, default=384, help="preview side in pixels")
+
+    seg = p.add_argument_group("instance map")
+    seg.add_argument("--instance_order", choices=("default", "upstream"), default="default",
+                     help="default: ascending label value (RGB maps: ascending colour); upstream: ascending "
+                          "grey level of the map converted to 'L', to reproduce upstream results")
+    seg.add_argument("--min_instance_pixels", type=int, default=None,
+                     help="RGB maps: colours with fewer pixels are anti-aliased fringe and ignored; "
+                          "None = 0.1%% of the image area")
+    seg.add_argument("--max_instances", type=int, default=DEFAULT_MAX_INSTANCES, help="refuse maps with more instances")
+    seg.add_argument("--label_names", type=Path, help='JSON {"<label>": "name"} for the node names')
+    seg.add_argument("--do_image_padding", action="store_true", help="upstream's padding around the instances")
+
+    model = p.add_argument_group("model and LoRA")
+    model.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL,
+                       help="MIDI-3D pipeline folder, or 'tiny' (small random model for demos/tests)")
+    model.add_argument("--lora_path", type=Path, help="training output folder, its lora-final/, a PEFT adapter "
+                                                       "folder or an upstream custom-adapter .safetensors")
+    model.add_argument("--lora_scale", type=float, default=1.0, help="LoRA strength (0 = base model)")
+    model.add_argument("--merge_lora", action="store_true", help="fold the scaled LoRA into the weights (faster)")
+    model.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    model.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+                       help="auto: bfloat16 on CUDA, float32 on CPU")
+
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--num_inference_steps", type=int, default=50)
+    gen.add_argument("--guidance_scale", type=float, default=7.0)
+    gen.add_argument("--seed", type=int, default=42, help="-1: unseeded")
+    gen.add_argument("--no_progress", action="store_true", help="no progress bars")
+
+    ext = p.add_argument_group("surface extraction")
+    ext.add_argument("--octree_depth", type=int, default=8, help="resolution: (2^depth + 1)^3 grid")
+    ext.add_argument("--extraction", choices=("dense", "coarse_to_fine"), default="dense",
+                     help="dense: every grid point (upstream); coarse_to_fine: only cells near the surface")
+    ext.add_argument("--coarse_depth", type=int, default=5, help="coarse_to_fine: first grid depth")
+    ext.add_argument("--c2f_dilation", type=int, default=1, help="coarse_to_fine: margin in cells around the surface")
+    ext.add_argument("--c2f_band", type=float, default=1.0,
+                     help="coarse_to_fine: also refine cells within this many cells of 0 (slope estimate); 0 = off")
+    ext.add_argument("--num_chunks", type=int, default=50000, help="points per decoder call (memory bound)")
+    ext.add_argument("--decode_progressive", action="store_true",
+                     help="dense: upstream's second decode on each instance's box (what upstream's script does; "
+                          "twice the decoding)")
+    ext.add_argument("--no_smooth", action="store_true", help="skip upstream's 3x3x3 box smoothing")
+    ext.add_argument("--vertex_mapping", choices=("upstream", "exact"), default="upstream",
+                     help="upstream: index/points (shrinks by 256/257); exact: index/cells")
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> list[tuple[str, Path, Path, Path]]:
+    """Validates options and files without the model; returns ``(name, rgb, seg, output)`` jobs.
+
+    Raises:
+        InputError: the first problem found.
+    """
+    single = args.rgb_image is not None or args.seg_image is not None or args.output is not None
+    if single == (args.input_dir is not None):
+        raise InputError("give either --rgb_image/--seg_image/--output or --input_dir/--output_dir")
+    numbers = {"--octree_depth": (args.octree_depth, 1, 11), "--coarse_depth": (args.coarse_depth, 1, 11),
+               "--num_inference_steps": (args.num_inference_steps, 1, 10000), "--max_instances": (args.max_instances, 1, 1024),
+               "--num_chunks": (args.num_chunks, 1, 10**9), "--c2f_dilation": (args.c2f_dilation, 0, 16),
+               "--preview_size": (args.preview_size, 16, 4096)}
+    for flag, (value, low, high) in numbers.items():
+        if not low <= value <= high:
+            raise InputError(f"{flag} must be in {low}..{high}, got {value}")
+    if args.c2f_band < 0:
+        raise InputError(f"--c2f_band must be >= 0, got {args.c2f_band}")
+    if args.decode_progressive and args.extraction != "dense":
+        raise InputError("--decode_progressive needs --extraction dense")
+    if args.lora_path is None and (args.merge_lora or args.lora_scale != 1.0):
+        raise InputError("--merge_lora and --lora_scale need --lora_path")
+    if single:
+        if None in (args.rgb_image, args.seg_image, args.output):
+            raise InputError("single-scene mode needs --rgb_image, --seg_image and --output")
+        output_format(args.output)
+        jobs = [(args.output.stem, args.rgb_image, args.seg_image, args.output)]
+    else:
+        if args.output_dir is None:
+            raise InputError("batch mode needs --output_dir")
+        jobs = [(n, rgb, seg, args.output_dir / f"{n}.{args.format}") for n, rgb, seg in find_pairs(args.input_dir)]
+    if args.label_names is not None:
+        read_label_names(args.label_names)
+    for _, rgb, seg, _ in jobs:
+        prepare_scene(rgb, seg, input_options(args), log_notes=False)
+    if args.lora_path is not None and not args.lora_path.exists():
+        raise InputError.at(args.lora_path, "LoRA path does not exist")
+    check_model_path(args.pretrained_model_name_or_path)
+    return jobs
+
+
+def input_options(args: argparse.Namespace) -> InputOptions:
+    """The :class:`InputOptions` of the command line."""
+    return InputOptions(args.instance_order, args.do_image_padding, args.max_instances, args.min_instance_pixels,
+                        args.label_names)
+
+
+def generation_options(args: argparse.Namespace) -> GenerationOptions:
+    """The :class:`GenerationOptions` of the command line (imports torch via midi.extraction)."""
+    from midi.extraction import ExtractionConfig
+
+    config = ExtractionConfig(method=args.extraction, octree_depth=args.octree_depth, coarse_depth=args.coarse_depth,
+                              dilation=args.c2f_dilation, band_cells=args.c2f_band, num_chunks=args.num_chunks,
+                              smooth=not args.no_smooth, vertex_mapping=args.vertex_mapping,
+                              decode_progressive=args.decode_progressive)
+    return GenerationOptions(args.num_inference_steps, args.guidance_scale, args.seed, config, not args.no_progress)
+
+
+def fail(message: str) -> NoReturn:
+    """Prints ``error: <message>`` and exits with status 2."""
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns 0, or 1 when some scene had no surface at all.
+
+    Raises:
+        SystemExit: status 2 on bad input.
+    """
+    args = parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("midi").setLevel(logging.INFO)
+    logger.setLevel(logging.INFO)
+    try:
+        jobs = check_args(args)
+    except InputError as exc:
+        fail(str(exc))
+
+    try:
+        loaded = build_pipeline(ModelOptions(args.pretrained_model_name_or_path, args.lora_path, args.lora_scale,
+                                             args.merge_lora, args.device, args.dtype))
+    except InputError as exc:
+        fail(str(exc))
+    logger.info("%s", loaded.description)
+    options = generation_options(args)
+    status = 0
+    for name, rgb, seg, output in jobs:
+        try:
+            scene = prepare_scene(rgb, seg, input_options(args))
+            logger.info("%s: %d instances (%s)", name, len(scene.names), ", ".join(scene.names))
+            result = run_scene(loaded, scene, options)
+            save_outputs(result, output, args.save_instances, not args.no_preview, args.preview_size)
+        except InputError as exc:  # e.g. no instance had a surface; the other scenes go on
+            print(f"error: {one_line(str(exc))}", file=sys.stderr)
+            status = 1
+            continue
+        logger.info("%s", summary_line(result, output))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Input handling of the inference driver: instance maps as users have them, order, padding, errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from midi.inference import (
+    InputError,
+    InputOptions,
+    find_pairs,
+    one_line,
+    prepare_scene,
+    read_rgb,
+    read_segmentation,
+    split_instances,
+    upstream_padding,
+)
+
+SCENES = Path(__file__).parent / "data" / "scenes"
+KIDS = "ffb067ad-cf9a-4321-82ae-4e684c59ea3e_KidsRoom-5300"
+
+
+def scene_files(name: str) -> tuple[Path, Path]:
+    return SCENES / f"{name}_rgb.png", SCENES / f"{name}_seg.png"
+
+
+def test_palette_map_default_order_is_palette_index():
+    seg = read_segmentation(scene_files(KIDS)[1])
+    assert seg.kind == "palette"
+    assert [i.key for i in seg.instances] == ["1", "2", "3", "4"]
+    assert [i.pixels for i in seg.instances] == [125660, 6265, 4149, 15505]
+
+
+def test_upstream_order_sorts_by_grey_level():
+    path = scene_files("cartoon-00")[1]
+    default = read_segmentation(path)
+    upstream = read_segmentation(path, order="upstream")
+    # Palette 1 red (L 76), 2 green (150), 3 blue (29), 4 yellow (226): upstream order is 3, 1, 2, 4.
+    assert [i.key for i in upstream.instances] == ["29", "76", "150", "226"]
+    for up, label in zip(upstream.instances, [3, 1, 2, 4]):
+        np.testing.assert_array_equal(upstream.labels == up.label, default.labels == label)
+
+
+def test_upstream_order_reports_labels_merged_by_equal_luminance(tmp_path):
+    labels = np.zeros((8, 8), np.uint8)
+    labels[:4], labels[4:, :4] = 1, 2
+    image = Image.fromarray(labels, mode="P")
+    image.putpalette([0, 0, 0, 90, 90, 90, 90, 90, 90] + [0] * 759)  # two labels, one grey level
+    image.save(tmp_path / "seg.png")
+    seg = read_segmentation(tmp_path / "seg.png", order="upstream")
+    assert len(seg.instances) == 1 and "merges 2 labels into 1" in seg.notes[0]
+
+
+def test_rgb_colour_map_orders_by_colour_and_ignores_fringe(tmp_path, caplog):
+    rgb_path, seg_path = scene_files("cartoon-01")
+    seg = np.asarray(Image.open(seg_path)).copy()
+    clean = read_segmentation(seg_path)
+    assert clean.kind == "rgb" and not clean.notes
+    assert [i.key for i in clean.instances] == ["0000ff", "00ff00", "ff0000", "ff00ff", "ffff00"]
+    # Anti-aliasing: blend a 1-pixel border of every instance with black, in 20 different shades.
+    inside = seg.any(axis=2)
+    border = inside & ~np.pad(inside, 1)[2:, 1:-1]
+    rows, cols = np.nonzero(border)
+    shades = (np.arange(len(rows)) % 20 + 5) / 30
+    seg[rows, cols] = (seg[rows, cols] * shades[:, None]).astype(np.uint8)
+    Image.fromarray(seg).save(tmp_path / "x_seg.png")
+    Image.open(rgb_path).save(tmp_path / "x_rgb.png")
+    with caplog.at_level(logging.INFO, logger="midi.inference"):
+        scene = prepare_scene(tmp_path / "x_rgb.png", tmp_path / "x_seg.png", InputOptions())
+    assert [i.key for i in scene.segmentation.instances] == [i.key for i in clean.instances]
+    assert (scene.segmentation.labels[rows, cols] == 0).all()
+    assert any("anti-aliased fringe" in r.getMessage() and "x_seg.png" in r.getMessage() for r in caplog.records)
+
+
+def test_grey_map_saved_as_rgb_reads_as_grey_labels(tmp_path):
+    labels = np.zeros((16, 16), np.uint8)
+    labels[2:6, 2:6], labels[8:12, 8:12] = 7, 3
+    Image.fromarray(np.repeat(labels[..., None], 3, axis=2)).save(tmp_path / "seg.png")
+    seg = read_segmentation(tmp_path / "seg.png")
+    assert seg.kind == "grey" and [i.key for i in seg.instances] == ["3", "7"]
+
+
+def test_rgba_is_composited_on_white(tmp_path):
+    array = np.zeros((4, 4, 4), np.uint8)
+    array[..., 0] = 200
+    array[:2, :, 3] = 255  # top half opaque red, bottom half transparent
+    Image.fromarray(array, mode="RGBA").save(tmp_path / "rgba.png")
+    rgb = np.asarray(read_rgb(tmp_path / "rgba.png"))
+    assert (rgb[:2] == [200, 0, 0]).all() and (rgb[2:] == 255).all()
+    kitchen = read_rgb(scene_files("kitchen")[0])
+    assert kitchen.mode == "RGB" and kitchen.size == (1024, 1024)
+
+
+def test_split_instances_matches_upstream_convention():
+    scene = prepare_scene(*scene_files(KIDS), InputOptions())
+    images, masks, scenes = split_instances(scene)
+    assert len(images) == len(masks) == len(scenes) == 4
+    rgb = np.asarray(scene.rgb)
+    for inst, image, mask in zip(scene.segmentation.instances, images, masks):
+        inside = scene.segmentation.labels == inst.label
+        assert mask.mode == "L" and set(np.unique(np.asarray(mask))) == {0, 255}
+        np.testing.assert_array_equal(np.asarray(mask) == 255, inside)
+        np.testing.assert_array_equal(np.asarray(image)[inside], rgb[inside])
+        assert (np.asarray(image)[~inside] == 255).all()
+    assert all(s is scene.rgb for s in scenes)
+    assert scene.names == ["instance_1", "instance_2", "instance_3", "instance_4"]
+
+
+def test_non_square_images_are_centred_on_a_square(tmp_path, caplog):
+    Image.new("RGB", (40, 20), (10, 20, 30)).save(tmp_path / "a_rgb.png")
+    labels = np.zeros((20, 40), np.uint8)
+    labels[5:10, 5:30] = 1
+    Image.fromarray(labels).save(tmp_path / "a_seg.png")
+    with caplog.at_level(logging.INFO, logger="midi.inference"):
+        scene = prepare_scene(tmp_path / "a_rgb.png", tmp_path / "a_seg.png", InputOptions())
+    assert scene.rgb.size == (40, 40) and scene.segmentation.labels.shape == (40, 40)
+    assert (np.asarray(scene.rgb)[:10] == 255).all() and (np.asarray(scene.rgb)[10:30] == (10, 20, 30)).all()
+    assert (scene.segmentation.labels == 1).sum() == 125 and (scene.segmentation.labels[15:20, 5:30] == 1).all()
+    assert any("not square" in r.getMessage() for r in caplog.records)
+
+
+def test_upstream_padding_on_a_square_image():
+    # Instances spanning rows 10..89 / cols 30..69 of a 100x100 image: extent 2 * 40 = 80, not > 80:
+    # no growth; rows 5..94: extent 90 > 80 -> canvas int(90 * 1.25) = 112, image pasted at (6, 6).
+    labels = np.zeros((100, 100), np.int64)
+    labels[10:90, 30:70] = 1
+    rgb = Image.new("RGB", (100, 100), (1, 2, 3))
+    same_rgb, same = upstream_padding(rgb, labels)
+    assert same_rgb.size == (100, 100) and np.array_equal(same, labels)
+    labels[5:95, 30:70] = 1
+    padded_rgb, padded = upstream_padding(rgb, labels)
+    assert padded_rgb.size == (112, 112) and padded.shape == (112, 112)
+    assert padded[6:106, 6:106].sum() == labels.sum() and padded.sum() == labels.sum()
+    assert np.asarray(padded_rgb)[0, 0].tolist() == [255, 255, 255] and np.asarray(padded_rgb)[6, 6].tolist() == [1, 2, 3]
+
+
+def test_label_names_from_json(tmp_path):
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"1": "bed", "4": "lamp"}))
+    scene = prepare_scene(*scene_files(KIDS), InputOptions(label_names=names))
+    assert scene.names == ["bed", "instance_2", "instance_3", "lamp"]
+    names.write_text(json.dumps({"1": "chair", "2": "chair"}))
+    with pytest.raises(InputError, match="'chair' given to labels 1 and 2"):
+        prepare_scene(*scene_files(KIDS), InputOptions(label_names=names))
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [("size", "differs from the image"), ("empty", "no instance"), ("many", "more than --max_instances 3"),
+     ("corrupt", "cannot read image"), ("missing", "file not found")],
+)
+def test_bad_inputs_name_the_file(tmp_path, case, message):
+    rgb, seg = scene_files("kitchen")
+    options = InputOptions()
+    if case == "size":
+        Image.new("L", (64, 64), 1).save(seg := tmp_path / "seg.png")
+    elif case == "empty":
+        Image.new("L", (1024, 1024), 0).save(seg := tmp_path / "seg.png")
+    elif case == "many":
+        rgb, seg = scene_files("cartoon-00")
+        options = InputOptions(max_instances=3)
+    elif case == "corrupt":
+        (seg := tmp_path / "seg.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 50)
+    else:
+        seg = tmp_path / "nothing.png"
+    with pytest.raises(InputError, match=message) as info:
+        prepare_scene(rgb, seg, options)
+    assert str(info.value).startswith(f"{seg}: ")
+
+
+def test_find_pairs(tmp_path):
+    for name in ("b", "a"):
+        (tmp_path / f"{name}_rgb.png").touch()
+        (tmp_path / f"{name}_seg.png").touch()
+    assert [n for n, _, _ in find_pairs(tmp_path)] == ["a", "b"]
+    (tmp_path / "c_rgb.jpg").touch()
+    with pytest.raises(InputError, match="no matching c_seg.png"):
+        find_pairs(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no X_rgb.png"):
+        find_pairs(tmp_path / "empty")
+
+
+def test_one_line():
+    assert one_line("a\n\nb  c") == "a b c"
+    assert len(one_line("x" * 1000)) == 400

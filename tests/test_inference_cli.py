@@ -1,0 +1,321 @@
+"""inference_with_lora.py end to end on the tiny pipeline: scenes, LoRA, formats, bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from PIL import Image
+
+import inference_with_lora as cli
+from midi.extraction import ExtractionConfig
+from midi.inference import (
+    GenerationOptions,
+    InputError,
+    InputOptions,
+    ModelOptions,
+    build_pipeline,
+    generate_latents,
+    prepare_scene,
+    run_scene,
+    save_outputs,
+)
+from midi.lora import export_lora, lora_config_dict
+from midi.testing import TINY_MI_BLOCKS, tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENES = ROOT / "tests" / "data" / "scenes"
+PAIRS = ["ffb067ad-cf9a-4321-82ae-4e684c59ea3e_KidsRoom-5300", "cartoon-00", "cartoon-01", "kitchen"]
+INSTANCES = {PAIRS[0]: 4, "cartoon-00": 4, "cartoon-01": 5, "kitchen": 3}
+FAST = ["--pretrained_model_name_or_path", "tiny", "--num_inference_steps", "2", "--octree_depth", "4",
+        "--no_progress", "--preview_size", "64"]
+
+
+def pair(name: str) -> list[str]:
+    return ["--rgb_image", str(SCENES / f"{name}_rgb.png"), "--seg_image", str(SCENES / f"{name}_seg.png")]
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory) -> Path:
+    """A tiny transformer LoRA with random (non-zero) B, exported in the toolkit's format."""
+    pipe = tiny_pipeline(0)
+    torch.manual_seed(0)
+    config = lora_config_dict(rank=4, alpha=4, init_lora_weights=False)
+    pipe.init_custom_adapter(set_self_attn_module_names=TINY_MI_BLOCKS, transformer_lora_config=config,
+                             exact_module_names=True)
+    return export_lora(pipe, tmp_path_factory.mktemp("lora") / "lora-final", TINY_MI_BLOCKS)
+
+
+@pytest.fixture(scope="module")
+def kids_scene(tmp_path_factory):
+    """The KidsRoom pair at 128 px (the tiny model sees 32 px anyway)."""
+    folder = tmp_path_factory.mktemp("kids")
+    for kind in ("rgb", "seg"):
+        image = Image.open(SCENES / f"{PAIRS[0]}_{kind}.png")
+        image.resize((128, 128), Image.Resampling.NEAREST).save(folder / f"kids_{kind}.png")
+    return prepare_scene(folder / "kids_rgb.png", folder / "kids_seg.png", InputOptions())
+
+
+@pytest.fixture(scope="module")
+def kitchen(tmp_path_factory) -> list[str]:
+    """CLI arguments for the kitchen pair at 128 px (RGBA image, palette map, 3 instances)."""
+    folder = tmp_path_factory.mktemp("kitchen")
+    for kind in ("rgb", "seg"):
+        image = Image.open(SCENES / f"kitchen_{kind}.png")
+        image.resize((128, 128), Image.Resampling.NEAREST).save(folder / f"kitchen_{kind}.png")
+    return ["--rgb_image", str(folder / "kitchen_rgb.png"), "--seg_image", str(folder / "kitchen_seg.png")]
+
+
+def latents_for(scene, **model) -> torch.Tensor:
+    loaded = build_pipeline(ModelOptions("tiny", **model))
+    return generate_latents(loaded, scene, GenerationOptions(num_inference_steps=2, progress=False))
+
+
+@pytest.fixture(scope="module")
+def base_latents(kids_scene) -> torch.Tensor:
+    return latents_for(kids_scene)
+
+
+@pytest.fixture(scope="module")
+def half_lora_latents(kids_scene, lora_dir) -> torch.Tensor:
+    return latents_for(kids_scene, lora_path=lora_dir, lora_scale=0.5)
+
+
+def scene_nodes(path: Path) -> list[str]:
+    loaded = trimesh.load(path)
+    return sorted(loaded.graph.nodes_geometry)
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_each_shared_scene_gives_one_node_per_instance(tmp_path, name):
+    out = tmp_path / f"{name}.glb"
+    assert cli.main(pair(name) + ["--output", str(out)] + FAST) == 0
+    nodes = scene_nodes(out)
+    assert len(nodes) == INSTANCES[name]  # the tiny model's fields cross 0 for every instance here
+    assert all(n.startswith("instance_") for n in nodes)
+    assert Image.open(out.with_suffix(".png")).size == (64, 64)
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_lora_changes_output_and_scale_zero_reproduces_base(kids_scene, lora_dir, base_latents, half_lora_latents):
+    assert (half_lora_latents - base_latents).abs().max() > 1e-3
+    assert torch.equal(latents_for(kids_scene, lora_path=lora_dir, lora_scale=0.0), base_latents)
+    assert torch.equal(latents_for(kids_scene, lora_path=lora_dir, lora_scale=0.0, merge_lora=True), base_latents)
+
+
+def test_merged_and_unmerged_agree(kids_scene, lora_dir, half_lora_latents):
+    merged = latents_for(kids_scene, lora_path=lora_dir, lora_scale=0.5, merge_lora=True)
+    torch.testing.assert_close(merged, half_lora_latents, rtol=1e-4, atol=1e-4)
+
+
+def test_image_encoder_lora_is_scaled_too(kids_scene, tmp_path):
+    """attention_kwargs["scale"] reaches only the transformer; encoder LoRAs are scaled directly."""
+    pipe = tiny_pipeline(0)
+    torch.manual_seed(1)
+    pipe.init_custom_adapter(
+        set_self_attn_module_names=TINY_MI_BLOCKS, exact_module_names=True,
+        transformer_lora_config=lora_config_dict(rank=2, init_lora_weights=False),
+        image_encoder_1_lora_config=lora_config_dict(rank=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    path = export_lora(pipe, tmp_path / "lora", TINY_MI_BLOCKS)
+    unmerged = latents_for(kids_scene, lora_path=path, lora_scale=0.3)
+    merged = latents_for(kids_scene, lora_path=path, lora_scale=0.3, merge_lora=True)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("source", ["run-folder", "custom-adapter-file", "peft-folder"])
+def test_every_lora_format_loads_the_same_adapter(kids_scene, lora_dir, half_lora_latents, tmp_path, source):
+    path = {"run-folder": lora_dir.parent, "custom-adapter-file": lora_dir / "custom_adapter.safetensors",
+            "peft-folder": tmp_path / "peft"}[source]
+    if source == "peft-folder":  # a plain PEFT adapter folder: no toolkit metadata
+        path.mkdir()
+        for file in ("adapter_config.json", "adapter_model.safetensors"):
+            (path / file).write_bytes((lora_dir / file).read_bytes())
+    torch.testing.assert_close(latents_for(kids_scene, lora_path=path, lora_scale=0.5), half_lora_latents)
+
+
+def test_lora_run_through_the_cli_differs_from_base(tmp_path, kitchen, lora_dir):
+    args = kitchen + FAST + ["--no_preview"]
+    assert cli.main(args + ["--output", str(tmp_path / "base.obj")]) == 0
+    assert cli.main(args + ["--output", str(tmp_path / "lora.obj"), "--lora_path", str(lora_dir)]) == 0
+    assert (tmp_path / "base.obj").read_bytes() != (tmp_path / "lora.obj").read_bytes()
+
+
+def edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [("base", "different base model (width: adapter 128 vs model 64)"),
+     ("rank", "has shape"),
+     ("targets", "match no module of transformer")],
+)
+def test_lora_mismatch_is_reported_in_words(tmp_path, kitchen, lora_dir, capsys, case, message):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for file in lora_dir.iterdir():
+        (bad / file.name).write_bytes(file.read_bytes())
+    if case == "base":
+        edit_json(bad / "midi_adapter.json", lambda d: d["base_transformer_config"].update(width=128))
+    else:
+        (bad / "midi_adapter.json").unlink()
+        key, value = ("r", 8) if case == "rank" else ("target_modules", ["not_a_layer"])
+        edit_json(bad / "adapter_config.json", lambda d: d.update({key: value}))
+    out = tmp_path / "scene.glb"
+    with pytest.raises(SystemExit) as info:
+        cli.main(kitchen + FAST + ["--output", str(out), "--lora_path", str(bad)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {bad}") and message in err[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("fmt", ["gltf", "obj", "ply", "stl"])
+def test_output_formats_and_instance_files(tmp_path, kitchen, fmt):
+    out = tmp_path / f"scene.{fmt}"
+    assert cli.main(kitchen + FAST + ["--output", str(out), "--save_instances", "--no_preview"]) == 0
+    assert len(trimesh.load(out, force="mesh").faces) > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [out.name] + [f"scene_instance_{k}.{fmt}" for k in (1, 2, 3)])
+
+
+def test_glb_keeps_names_from_json(tmp_path, kitchen):
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"1": "fridge", "2": "stove", "3": "counter"}))
+    out = tmp_path / "kitchen.glb"
+    assert cli.main(kitchen + FAST + ["--output", str(out), "--label_names", str(names), "--no_preview"]) == 0
+    assert scene_nodes(out) == ["counter", "fridge", "stove"]
+
+
+def test_coarse_to_fine_cli(tmp_path, kitchen):
+    out = tmp_path / "kitchen.glb"
+    args = ["--output", str(out), "--extraction", "coarse_to_fine", "--coarse_depth", "3", "--no_preview"]
+    assert cli.main(kitchen + FAST + args) == 0
+    assert len(scene_nodes(out)) == 3
+
+
+def test_instance_without_surface_is_reported_and_others_exported(tmp_path, kids_scene, caplog):
+    loaded = build_pipeline(ModelOptions("tiny"))
+    calls = []
+
+    def decode(z, sampled_points, return_dict=True, num_chunks=50000, to_cpu=False):
+        calls.append(1)
+        radius = -1.0 if len(calls) == 2 else 0.5  # the second instance has no surface
+        return SimpleNamespace(sample=radius - sampled_points.float().norm(dim=-1, keepdim=True))
+
+    loaded.pipe.vae.decode = decode
+    options = GenerationOptions(num_inference_steps=1, progress=False, extraction=ExtractionConfig(octree_depth=4))
+    with caplog.at_level(logging.INFO, logger="midi.inference"):
+        result = run_scene(loaded, kids_scene, options)
+    assert [s.mesh is None for s in result.surfaces] == [False, True, False, False]
+    assert "instance_2: no surface (field never crosses 0)" in caplog.text
+    save_outputs(result, tmp_path / "scene.glb", preview=False)
+    assert scene_nodes(tmp_path / "scene.glb") == ["instance_1", "instance_3", "instance_4"]
+
+    calls.clear()
+    loaded.pipe.vae.decode = lambda z, sampled_points, **kw: SimpleNamespace(sample=-torch.ones(*sampled_points.shape[:2], 1))
+    empty = run_scene(loaded, kids_scene, options)
+    with pytest.raises(InputError, match="no instance produced a surface"):
+        save_outputs(empty, tmp_path / "empty.glb")
+    assert not (tmp_path / "empty.glb").exists() and not (tmp_path / "empty.png").exists()
+
+
+def test_failed_export_leaves_no_file(tmp_path, kids_scene, monkeypatch):
+    loaded = build_pipeline(ModelOptions("tiny"))
+    options = GenerationOptions(num_inference_steps=1, progress=False, extraction=ExtractionConfig(octree_depth=4))
+    result = run_scene(loaded, kids_scene, options)
+
+    def broken_export(scene, fmt):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("midi.inference.export_bytes", broken_export)
+    with pytest.raises(RuntimeError):
+        save_outputs(result, tmp_path / "scene.glb")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_batch_mode(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("kitchen", "cartoon-01"):
+        for kind in ("rgb", "seg"):
+            image = Image.open(SCENES / f"{name}_{kind}.png")
+            image.resize((128, 128), Image.Resampling.NEAREST).save(inputs / f"{name}_{kind}.png")
+    out = tmp_path / "out"
+    assert cli.main(["--input_dir", str(inputs), "--output_dir", str(out), "--format", "obj"] + FAST) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["cartoon-01.obj", "cartoon-01.png", "kitchen.obj", "kitchen.png"]
+
+
+BAD_INPUTS = {
+    "size mismatch": (lambda t: pair("kitchen")[:3] + [str(t / "small.png")], "small.png: size 32x32 differs"),
+    "no instance": (lambda t: pair("kitchen")[:3] + [str(t / "blank.png")], "blank.png: no instance"),
+    "too many": (lambda t: pair("cartoon-01") + ["--max_instances", "4"], "more than --max_instances 4"),
+    "unreadable": (lambda t: pair("kitchen")[:3] + [str(t / "junk.png")], "junk.png: cannot read image"),
+    "lora missing": (lambda t: pair("kitchen") + ["--lora_path", str(t / "nope")], "nope: LoRA path does not exist"),
+    "bad format": (lambda t: pair("kitchen") + ["--output", str(t / "scene.fbx")], "unsupported output format .fbx"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_one_line_error_exit_2_no_output(tmp_path, capsys, case):
+    Image.new("L", (32, 32), 1).save(tmp_path / "small.png")
+    Image.new("L", (1024, 1024), 0).save(tmp_path / "blank.png")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    make_args, message = BAD_INPUTS[case]
+    args = make_args(tmp_path)
+    if "--output" not in args:
+        args += ["--output", str(tmp_path / "scene.glb")]
+    before = set(tmp_path.iterdir())
+    with pytest.raises(SystemExit) as info:
+        cli.main(args + FAST)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert set(tmp_path.iterdir()) == before
+
+
+def test_subprocess_cli_bad_input_fails_fast(tmp_path):
+    out = tmp_path / "scene.glb"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(ROOT / "inference_with_lora.py"), "--rgb_image", str(SCENES / "kitchen_rgb.png"),
+           "--seg_image", str(tmp_path / "missing_seg.png"), "--output", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {tmp_path / 'missing_seg.png'}: file not found"
+    assert not out.exists()
+    # Without the released weights the default model path explains how to get them.
+    proc = subprocess.run(cmd[:-3] + [str(SCENES / "kitchen_seg.png"), "--output", str(out)], capture_output=True,
+                          text=True, env=env, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2 and "huggingface-cli download VAST-AI/MIDI-3D" in proc.stderr
+
+
+@pytest.mark.slow
+def test_subprocess_cli_full_run(tmp_path):
+    out = tmp_path / "scene.glb"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(ROOT / "inference_with_lora.py")] + pair("cartoon-00") + ["--output", str(out)] + FAST
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert len(scene_nodes(out)) == 4 and out.with_suffix(".png").is_file()
+    assert "4/4 instances meshed" in proc.stderr
+    np.testing.assert_array_less(0, [len(g.faces) for g in trimesh.load(out).geometry.values()])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_request_without_cuda_is_an_input_error(tmp_path, kitchen, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(kitchen + FAST + ["--output", str(tmp_path / "scene.glb"), "--device", "cuda"])
+    assert info.value.code == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
