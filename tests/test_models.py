@@ -355,3 +355,20 @@ def test_vae_fps_is_deterministic_and_spread():
         rnd = pts[b, :20]
         d_rnd = torch.cdist(rnd, rnd) + torch.eye(20) * 10
         assert d.min() > d_rnd.min()
+
+
+def test_num_images_per_prompt_keeps_scene_groups(tiny_pipe):
+    from PIL import Image
+
+    from midi.testing import TINY_MI_BLOCKS
+
+    img = [Image.new("RGB", (32, 32), c) for c in ("red", "green", "blue")]
+    masks = [Image.new("L", (32, 32), 255)] * 3
+    e1, _ = tiny_pipe.encode_image_1(img, "cpu", 2)
+    assert torch.equal(e1[1], e1[0]) and not torch.equal(e1[1], e1[2])  # upstream: interleaved copies
+    tiny_pipe.init_custom_adapter(TINY_MI_BLOCKS)
+    e1, _ = tiny_pipe.encode_image_1(img, "cpu", 2)
+    assert torch.equal(e1[3], e1[0]) and not torch.equal(e1[1], e1[0])  # MI: copy-major scene groups
+    out = tiny_pipe(image=img, mask=masks, image_scene=img, num_inference_steps=1, num_images_per_prompt=2,
+                    output_type="latent", generator=torch.Generator().manual_seed(0)).samples
+    assert out.shape == (6, 64, 8)

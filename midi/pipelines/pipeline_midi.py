@@ -179,9 +179,11 @@ class MIDIPipeline(DiffusionPipeline, CustomAdapterMixin):
     def _repeat(self, embeds: torch.Tensor, copies: int) -> torch.Tensor:
         if copies == 1:
             return embeds
-        # Copy-major (scene copy 1: instances 0..n-1, copy 2: ...) keeps each copy one group for
-        # multi-instance attention; upstream's interleaved repeat breaks that grouping.
-        return embeds.repeat(copies, *([1] * (embeds.ndim - 1)))
+        if self.uses_multi_instance_attention:
+            # Copy-major (copy 1: instances 0..n-1, copy 2: ...) keeps each scene copy one group for
+            # multi-instance attention; upstream's interleaved repeat would mix copies in a group.
+            return embeds.repeat(copies, *([1] * (embeds.ndim - 1)))
+        return embeds.repeat_interleave(copies, dim=0)  # upstream order
 
     def prepare_latents(self, batch_size, num_tokens, num_channels, dtype, device, generator, latents=None):
         """Initial noise ``(batch, num_tokens, num_channels)`` in one draw (instance i is row i)."""
