@@ -1,0 +1,477 @@
+"""Run bookkeeping: checkpoints, resume, adapter export (verified through the inference path), metrics.
+
+Output folder of a run::
+
+    <output_dir>/
+      config.yaml               the resolved config of the run
+      logs/                     tracker files (TensorBoard by default)
+      checkpoint-N/             accelerate state (optimizer, LR schedule, grad scaler, RNG states),
+                                trainer_state.json (step, data position, best, counters),
+                                config.yaml and lora/ (the adapter in its final format)
+      best/                     adapter with the lowest validation loss so far (+ best.json)
+      lora-final/               the final adapter + config.yaml, checked by reloading it
+      previews/step-N/          preview renders and meshes
+
+Every folder is written under a temporary name and renamed when complete, so an interrupted
+run never leaves a half-written checkpoint or adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import resource
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from midi.config import TrainingConfig, config_to_dict, config_to_yaml
+from midi.lora import METADATA_FILE, export_lora, read_lora
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.yaml"
+FINAL_DIR = "lora-final"
+BEST_DIR = "best"
+ADAPTER_SUBDIR = "lora"
+# Keys whose change makes a checkpoint unusable (the adapter's shape or the model it belongs to).
+STRUCTURAL_KEYS = ("model.pretrained_model_name_or_path", "model.tiny_seed", "model.mi_blocks", "lora.rank",
+                   "lora.target_modules", "lora.use_dora", "lora.transformer", "lora.image_encoder_1",
+                   "lora.image_encoder_2", "lora.image_encoder_1_target_modules",
+                   "lora.image_encoder_2_target_modules")  # fmt: skip
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on: non-finite losses, a failed export check, an unusable checkpoint."""
+
+
+@dataclass
+class TrainerState:
+    """What a checkpoint stores besides the accelerate state (``trainer_state.json``)."""
+
+    global_step: int = 0
+    consumed_batches: int = 0  # global micro-batches already trained on (the data stream position)
+    epoch: int = 0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    nonfinite_steps: int = 0
+    consecutive_nonfinite: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainerState:
+        """Reads ``trainer_state.json`` content (unknown keys are ignored)."""
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+# ----------------------------------------------------------------------------- files
+def atomic_write_text(path: Path, text: str) -> None:
+    """Writes a text file under a temporary name, then renames it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Moves a finished folder into place, replacing an older one of the same name."""
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_run_config(cfg: TrainingConfig, folder: Path) -> None:
+    """Saves the resolved config as ``config.yaml`` in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / CONFIG_FILE, config_to_yaml(cfg))
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Finished checkpoints ``(step, folder)``, oldest first (temporary folders are ignored)."""
+    found = []
+    for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*"):
+        match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
+        if match and (path / STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_resume(output_dir: Path, value: str | None) -> Path | None:
+    """The checkpoint to resume from: ``latest`` (None when there is none yet), or a folder.
+
+    Raises:
+        TrainingError: the folder is not a finished checkpoint.
+    """
+    if value is None:
+        return None
+    if value == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            logger.warning("resume_from_checkpoint=latest: no checkpoint in %s yet; starting a new run", output_dir)
+            return None
+        return found[-1][1]
+    path = Path(value)
+    if not (path / STATE_FILE).is_file():
+        raise TrainingError(f"{path}: not a finished checkpoint (no {STATE_FILE}); pass 'latest' or a checkpoint-N folder")
+    return path
+
+
+def check_output_dir(output_dir: Path, resume: str | None) -> None:
+    """Refuses to start a new run over the checkpoints of an earlier one.
+
+    Raises:
+        TrainingError: checkpoints exist and no resume was asked for.
+    """
+    if resume is None and list_checkpoints(output_dir):
+        raise TrainingError(f"train.output_dir: {output_dir} already holds checkpoints of an earlier run; pass "
+                            "--resume_from_checkpoint latest to continue it, or choose another train.output_dir")
+
+
+def rotate_checkpoints(output_dir: Path, limit: int | None) -> list[Path]:
+    """Deletes the oldest checkpoints beyond ``limit``; returns the deleted folders."""
+    if limit is None:
+        return []
+    found = list_checkpoints(output_dir)
+    doomed = [path for _, path in found[: max(0, len(found) - limit)]]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def check_resume_config(saved: dict[str, dict[str, Any]], cfg: TrainingConfig, source: Path) -> list[str]:
+    """Compares a checkpoint's config with the current one.
+
+    Returns:
+        Changed keys that are allowed (e.g. the learning rate), as ``key: old -> new``.
+
+    Raises:
+        TrainingError: a structural key changed (the adapter would not fit).
+    """
+    current = config_to_dict(cfg)
+    changed, fatal = [], []
+    for section, body in saved.items():
+        for key, old in body.items():
+            new = current.get(section, {}).get(key)
+            if old != new and f"{section}.{key}" != "checkpointing.resume_from_checkpoint":
+                (fatal if f"{section}.{key}" in STRUCTURAL_KEYS else changed).append(f"{section}.{key}: {old!r} -> {new!r}")
+    if fatal:
+        raise TrainingError(f"{source}: cannot resume, the adapter's structure changed ({'; '.join(fatal)})")
+    return changed
+
+
+# ----------------------------------------------------------------------------- adapter I/O
+def load_adapter_weights(pipe, adapter_dir: Path) -> None:
+    """Loads an exported adapter's weights into the LoRA modules already on ``pipe`` (strict).
+
+    Raises:
+        TrainingError: keys or shapes differ.
+    """
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    adapter = read_lora(adapter_dir)
+    for name, state in adapter.weights.items():
+        model = getattr(pipe, name)
+        expected = get_peft_model_state_dict(model)
+        if set(expected) != set(state) or any(expected[k].shape != v.shape for k, v in state.items()):
+            raise TrainingError(f"{adapter_dir}: {name} adapter does not fit the model (different LoRA config?)")
+        set_peft_model_state_dict(model, state)
+
+
+def adapter_metadata(cfg: TrainingConfig, state: TrainerState) -> dict[str, Any]:
+    """Extra metadata written into ``midi_adapter.json`` of every export."""
+    return {"training": {"global_step": state.global_step, "base_model": cfg.model.pretrained_model_name_or_path,
+                         "config": config_to_dict(cfg)}}  # fmt: skip
+
+
+def _check_inputs(pipe, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A fixed batch: one scene of two instances, random latents and embeddings (seeded)."""
+    config = pipe.transformer.config
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(2, config.width, config.in_channels, generator=g)
+    e1 = torch.randn(2, 1, config.cross_attention_dim, generator=g)
+    e2 = torch.randn(2, 5, config.cross_attention_2_dim, generator=g)
+    return {k: v.to(device, dtype) for k, v in {"x": x, "e1": e1, "e2": e2}.items()}
+
+
+@torch.no_grad()
+def _model_outputs(pipe, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Transformer output on the fixed batch, plus image-encoder outputs when they carry a LoRA."""
+    t = torch.full((2,), 500.0, device=inputs["x"].device)
+    out = {"transformer": pipe.transformer(inputs["x"], t, encoder_hidden_states=inputs["e1"],
+                                           encoder_hidden_states_2=inputs["e2"],
+                                           attention_kwargs={"num_instances": [2]}, return_dict=False)[0]}  # fmt: skip
+    for name in ("image_encoder_1", "image_encoder_2"):
+        encoder = getattr(pipe, name)
+        if getattr(encoder, "peft_config", None):
+            g = torch.Generator().manual_seed(99)
+            size = encoder.config.image_size
+            pixels = torch.randn(1, encoder.config.num_channels, size, size, generator=g)
+            pixels = pixels.to(inputs["x"].device, next(encoder.parameters()).dtype)
+            result = encoder(pixels)
+            out[name] = result.image_embeds if name == "image_encoder_1" else result.last_hidden_state
+    return out
+
+
+def verify_export(pipe, adapter_dir: Path, cfg: TrainingConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """Reloads an exported adapter the way inference does and compares outputs with the training model.
+
+    A fresh pipeline is loaded (on CPU; its trained models are then moved to the training
+    device), the adapter read with :func:`midi.lora.read_lora` and installed with
+    :func:`midi.lora.apply_lora`; both models run the same fixed batch in eval mode.
+
+    Returns:
+        ``{"max_abs_diff", "tolerance", "ok", "compared"}``.
+    """
+    from midi.lora import apply_lora
+    from midi.train_setup import load_base_pipeline
+
+    device = pipe.transformer.device
+    fresh = load_base_pipeline(cfg.model, dtype, device=None)
+    adapter = read_lora(adapter_dir)
+    apply_lora(fresh, adapter, adapter.mi_blocks)
+    trained = ("transformer", *[n for n in ("image_encoder_1", "image_encoder_2") if n in adapter.weights])
+    for name in trained:
+        getattr(fresh, name).to(device).eval()
+    inputs = _check_inputs(pipe, device, dtype)
+    modes = {n: getattr(pipe, n).training for n in ("transformer", "image_encoder_1", "image_encoder_2")}
+    try:
+        for name in modes:
+            getattr(pipe, name).eval()
+        reference, as_inference = _model_outputs(pipe, inputs), _model_outputs(fresh, inputs)
+        if dtype != torch.float32:
+            # Inference keeps LoRA weights in the base dtype, training in float32: compare like with like
+            # (the float32 copy isolates export bugs from rounding), and record the rounding separately.
+            for name in trained:
+                for key, param in getattr(fresh, name).named_parameters():
+                    if ".lora_" in key:
+                        param.data = param.data.float()
+            load_adapter_weights(fresh, adapter_dir)
+        reloaded = _model_outputs(fresh, inputs)
+    finally:
+        for name, mode in modes.items():
+            getattr(pipe, name).train(mode)
+    diff = _max_diff(reference, reloaded)
+    scale = max(1.0, max(float(v.float().abs().max()) for v in reference.values()))
+    tolerance = (1e-5 if dtype == torch.float32 else 1e-2) * scale
+    del fresh
+    return {"max_abs_diff": diff, "tolerance": tolerance, "ok": diff <= tolerance, "compared": sorted(reference),
+            "dtype": str(dtype).removeprefix("torch."), "max_abs_diff_lora_in_base_dtype": _max_diff(reference, as_inference)}
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def export_adapter(pipe, target: Path, cfg: TrainingConfig, state: TrainerState, mi_blocks: list[str],
+                   verify: bool, dtype: torch.dtype, extra_files: dict[str, str] | None = None) -> Path:  # fmt: skip
+    """Exports the adapter to ``target`` (atomically), with the config, optionally verified.
+
+    Raises:
+        TrainingError: the reloaded adapter does not reproduce the training model; the export is
+            left in ``<target>.unverified`` for inspection.
+    """
+    tmp = target.with_name(f"{target.name}.tmp")
+    export_lora(pipe, tmp, mi_blocks, extra_metadata=adapter_metadata(cfg, state))
+    write_run_config(cfg, tmp)
+    for name, text in (extra_files or {}).items():
+        atomic_write_text(tmp / name, text)
+    if verify:
+        check = verify_export(pipe, tmp, cfg, dtype)
+        metadata = json.loads((tmp / METADATA_FILE).read_text())
+        metadata["export_check"] = check
+        atomic_write_text(tmp / METADATA_FILE, json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")
+        if not check["ok"]:
+            failed = target.with_name(f"{target.name}.unverified")
+            replace_dir(tmp, failed)
+            raise TrainingError(f"{failed}: the exported adapter does not reproduce the training model after "
+                                f"reloading (max abs diff {check['max_abs_diff']:.3g} > {check['tolerance']:.3g})")
+        logger.info("export check passed for %s: max abs diff %.3g", target.name, check["max_abs_diff"])
+    replace_dir(tmp, target)
+    return target
+
+
+@contextlib.contextmanager
+def full_parameters(accelerator, model: torch.nn.Module) -> Iterator[None]:
+    """Makes the full weights visible for an export; a no-op except under FSDP, where every
+    process must enter it together (the weights are gathered from the shards)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+        yield
+
+
+# ----------------------------------------------------------------------------- checkpoints
+class CheckpointManager:
+    """Saves and restores full training state with accelerate, the adapter in its final format.
+
+    accelerate's ``save_state`` writes optimizer, LR schedule, grad scaler and every process's
+    RNG state; the registered hooks replace its full-model weight file by ``lora/`` (the export
+    format, so any checkpoint is also a usable adapter) and load it back on resume.
+    """
+
+    def __init__(self, accelerator, pipe, cfg: TrainingConfig, output_dir: Path, dtype: torch.dtype) -> None:
+        self.accelerator = accelerator
+        self.pipe = pipe
+        self.cfg = cfg
+        self.output_dir = Path(output_dir)
+        self.dtype = dtype
+        self._state = TrainerState()
+        accelerator.register_save_state_pre_hook(self._save_hook)
+        accelerator.register_load_state_pre_hook(self._load_hook)
+
+    def _save_hook(self, models: list, weights: list, folder: str) -> None:
+        with full_parameters(self.accelerator, models[0]):
+            if self.accelerator.is_main_process:
+                export_lora(self.pipe, Path(folder) / ADAPTER_SUBDIR, self.cfg.model.mi_blocks,
+                            extra_metadata=adapter_metadata(self.cfg, self._state))  # fmt: skip
+        weights.clear()  # the frozen base is not saved; lora/ holds everything trainable
+
+    def _load_hook(self, models: list, folder: str) -> None:
+        load_adapter_weights(self.pipe, Path(folder) / ADAPTER_SUBDIR)
+        models.clear()  # nothing left for accelerate to load into the model
+
+    def save(self, state: TrainerState, name: str | None = None, rotate: bool = True) -> Path:
+        """Writes ``checkpoint-<step>`` (or ``name``) atomically; every process must call it."""
+        acc = self.accelerator
+        self._state = state
+        final = self.output_dir / (name or f"{CHECKPOINT_PREFIX}{state.global_step}")
+        tmp = final.with_name(f"{final.name}.tmp")
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            write_run_config(self.cfg, tmp)
+            atomic_write_text(tmp / STATE_FILE, json.dumps(asdict(state), indent=2) + "\n")
+            if self.cfg.checkpointing.verify_exports:
+                check = verify_export(self.pipe, tmp / ADAPTER_SUBDIR, self.cfg, self.dtype)
+                if not check["ok"]:
+                    raise TrainingError(f"{tmp}: checkpoint adapter fails the reload check ({check})")
+            replace_dir(tmp, final)
+            if rotate:
+                for path in rotate_checkpoints(self.output_dir, self.cfg.checkpointing.checkpoints_total_limit):
+                    logger.info("removed old checkpoint %s", path.name)
+        acc.wait_for_everyone()
+        return final
+
+    def load(self, folder: Path) -> TrainerState:
+        """Restores a checkpoint written by :meth:`save` (adapter, optimizer, schedule, RNG, counters)."""
+        saved = (folder / CONFIG_FILE).read_text(encoding="utf-8") if (folder / CONFIG_FILE).is_file() else None
+        if saved is not None:
+            import yaml
+
+            changed = check_resume_config(yaml.safe_load(saved), self.cfg, folder)
+            if changed:
+                logger.warning("resuming %s with changed settings: %s", folder.name, "; ".join(changed))
+        self.accelerator.load_state(str(folder))
+        state = TrainerState.from_dict(json.loads((folder / STATE_FILE).read_text()))
+        self._state = state
+        return state
+
+
+# ----------------------------------------------------------------------------- metrics
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory so far: CUDA allocator peak on GPU, peak resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+class ThroughputMeter:
+    """Averages the loss and counts scenes/tokens between two log points."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Starts a new interval."""
+        self.loss_sum = 0.0
+        self.loss_count = 0
+        self.scenes = 0
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def update(self, loss: float | None, scenes: int, tokens: int) -> None:
+        """Adds one micro-step (``loss`` None when it was not finite)."""
+        if loss is not None:
+            self.loss_sum += loss
+            self.loss_count += 1
+        self.scenes += scenes
+        self.tokens += tokens
+
+    def summary(self) -> dict[str, float]:
+        """Mean loss and per-second rates since the last reset (this process only)."""
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        loss = self.loss_sum / self.loss_count if self.loss_count else float("nan")
+        return {"loss": loss, "scenes_per_s": self.scenes / seconds, "tokens_per_s": self.tokens / seconds}
+
+
+def training_metrics(accelerator, meter: ThroughputMeter, state: TrainerState, lr: float,
+                     grad_norm: float) -> dict[str, float]:  # fmt: skip
+    """The logged training scalars; loss averaged and throughput summed over processes."""
+    s = meter.summary()
+    local = torch.tensor([s["loss"], s["scenes_per_s"], s["tokens_per_s"]], device=accelerator.device,
+                         dtype=torch.float64)  # fmt: skip
+    total = accelerator.reduce(local, "sum")
+    return {"train/loss": float(total[0]) / accelerator.num_processes, "train/lr": lr, "train/grad_norm": grad_norm,
+            "train/scenes_per_s": float(total[1]), "train/latent_tokens_per_s": float(total[2]),
+            "train/epoch": state.epoch, "train/peak_memory_gb": peak_memory_bytes(accelerator.device) / 2**30,
+            "train/nonfinite_steps": state.nonfinite_steps}  # fmt: skip
+
+
+def tracker_config(cfg: TrainingConfig) -> dict[str, Any]:
+    """The config flattened to ``section.key`` scalars (what TensorBoard's hparams accept)."""
+    flat = {}
+    for section, body in config_to_dict(cfg).items():
+        for key, value in body.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return flat
+
+
+def format_dry_run(cfg: TrainingConfig, device: torch.device, num_processes: int, mixed_precision: str,
+                   trainable: dict[str, int], step_seconds: float, peak_bytes: int, batches_per_epoch: int,
+                   rows_per_batch: int, num_tokens: int, max_steps: int, num_scenes: int) -> str:  # fmt: skip
+    """The ``--dry_run`` report: sizes, measured step time and memory, and time estimates."""
+    total = sum(trainable.values())
+    accum = cfg.train.gradient_accumulation_steps
+    steps_per_epoch = max(1, batches_per_epoch / (num_processes * accum))
+    memory = "CUDA allocator peak" if device.type == "cuda" else "peak resident memory of the process"
+    lines = [
+        f"dry run on {device} ({num_processes} process(es)), mixed precision {mixed_precision}",
+        f"  model: {cfg.model.pretrained_model_name_or_path} ({num_tokens} latent tokens per instance)",
+        f"  trainable parameters: {total:,} ({', '.join(f'{k} {v:,}' for k, v in trainable.items())})",
+        f"  adapter size: {total * 4 / 2**20:.2f} MB in float32 (lora-final/ holds it twice: PEFT + custom_adapter)",
+        f"  data: {num_scenes} training scenes -> {batches_per_epoch} batches per epoch of up to "
+        f"{cfg.train.batch_size} scenes; measured batch: {rows_per_batch} instance rows",
+        f"  step time (data + forward + backward + optimizer, {accum} micro-step(s)): {step_seconds:.3f} s",
+        f"  peak memory: {peak_bytes / 2**30:.2f} GiB ({memory})",
+        f"  estimate: {_duration(steps_per_epoch * step_seconds)} per epoch ({steps_per_epoch:.0f} steps), "
+        f"{_duration(max_steps * step_seconds)} for {max_steps} steps (checkpoints and validation not included)",
+    ]
+    if cfg.cache.enabled:
+        lines.append("  note: the dry run reads the files directly; the cache (cache.enabled) makes steps faster")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,44 @@
+"""Shared builders for the training tests (not a test module)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from midi.config import TrainingConfig, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_YAML = REPO / "configs" / "train" / "tiny.yaml"
+NUM_SCENES = 6
+IMAGE_SIZE = 64
+NUM_POINTS = 512
+
+
+def tiny_dataset(base: Path) -> Path:
+    """A seeded synthetic dataset shared by the tests of one session (written once)."""
+    from midi.data.synthetic import write_synthetic_dataset
+
+    root = Path(base) / "train-data"
+    if not (root / "manifest.json").is_file():
+        write_synthetic_dataset(root, num_scenes=NUM_SCENES, seed=0, image_size=IMAGE_SIZE, num_samples=NUM_POINTS,
+                                val_fraction=0.3)  # fmt: skip
+    return root
+
+
+def tiny_args(data_root: Path, output_dir: Path, *extra: str, max_steps: int = 4) -> list[str]:
+    """``train_lora.main`` arguments for a fast tiny run (no previews, no progress bar)."""
+    return [
+        "--config", str(TINY_YAML),
+        "--data.root", str(data_root), "--data.synthetic_if_missing", "0",
+        "--data.image_size", str(IMAGE_SIZE), "--data.num_surface_points", str(NUM_POINTS),
+        "--train.output_dir", str(output_dir), "--train.max_steps", str(max_steps),
+        "--checkpointing.every_n_steps", "2", "--validation.every_n_steps", "2",
+        "--validation.preview_every_n_steps", "0", "--logging.progress_bar", "false",
+        "--logging.report_to", "none", "--cache.dir", str(Path(output_dir).parent / "cache"),
+        *extra,
+    ]  # fmt: skip
+
+
+def tiny_config(data_root: Path, output_dir: Path, *extra: str, max_steps: int = 4) -> TrainingConfig:
+    """The :func:`tiny_args` run as a config object."""
+    args = tiny_args(data_root, output_dir, *extra, max_steps=max_steps)
+    return load_config(args[1], args[2:])

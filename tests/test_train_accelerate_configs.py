@@ -1,0 +1,52 @@
+"""The shipped accelerate configs parse, use valid values and are self-consistent (most cannot run here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from accelerate.commands.config.config_args import ClusterConfig
+from accelerate.utils import DistributedType
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs" / "accelerate").glob("*.yaml"))
+EXPECTED = {"single_gpu.yaml", "multi_gpu.yaml", "multi_node.yaml", "deepspeed_zero2.yaml", "fsdp.yaml"}
+
+
+def test_the_promised_configs_exist():
+    assert EXPECTED <= {p.name for p in CONFIGS}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_is_valid_for_accelerate(path):
+    data = yaml.safe_load(path.read_text())
+    for key in ("compute_environment", "distributed_type", "num_processes", "num_machines", "machine_rank",
+                "mixed_precision"):  # fmt: skip
+        assert key in data, f"{path.name}: missing {key}"
+    assert data["distributed_type"] in {d.value for d in DistributedType}
+    assert data["mixed_precision"] == "no", "precision is set by train.mixed_precision"
+    processes, machines = data["num_processes"], data["num_machines"]
+    assert processes >= machines >= 1 and processes % machines == 0
+    assert 0 <= data["machine_rank"] < machines
+    if data["distributed_type"] == "NO":
+        assert processes == 1
+    else:
+        assert processes >= 2
+    if machines > 1:
+        assert data.get("main_process_ip") and data.get("main_process_port")
+    if data["distributed_type"] == "DEEPSPEED":
+        assert data["deepspeed_config"]["zero_stage"] in (0, 1, 2, 3)
+    if data["distributed_type"] == "FSDP":
+        fsdp = data["fsdp_config"]
+        assert fsdp["fsdp_sharding_strategy"] in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
+        assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "DiTBlock"  # the DiT's block class
+        assert fsdp["fsdp_use_orig_params"] is True
+    text = path.read_text()
+    assert text.startswith("#") and "accelerate launch --config_file configs/accelerate/" in text
+    ClusterConfig.from_yaml_file(str(path))  # accelerate's own loader accepts every key
+
+
+def test_fsdp_wrap_class_exists():
+    from midi.models.transformers.triposg_transformer import DiTBlock
+
+    assert DiTBlock.__name__ == "DiTBlock"

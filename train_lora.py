@@ -1,0 +1,414 @@
+"""LoRA finetuning of MIDI-3D (multi-instance diffusion: one image + instance masks -> a 3D scene).
+
+One GPU or CPU::
+
+    python train_lora.py --config configs/train/lora_finetune.yaml
+    python train_lora.py --config configs/train/tiny.yaml                  # CPU demo, about a minute
+    python train_lora.py --config configs/train/tiny.yaml --train.max_steps 50 --lora.rank=8
+
+Several GPUs / nodes (same flags; see TRAINING_README.md)::
+
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml train_lora.py --config configs/train/lora_finetune.yaml
+    torchrun --nproc_per_node 4 train_lora.py --config configs/train/lora_finetune.yaml
+
+Resume, check a config, measure memory and speed without training::
+
+    python train_lora.py --config configs/train/lora_finetune.yaml --resume_from_checkpoint latest
+    python train_lora.py --config configs/train/lora_finetune.yaml --print_config
+    python train_lora.py --config configs/train/lora_finetune.yaml --dry_run
+
+Overrides are ``--section.key value`` (or ``--section.key=value``), values in YAML syntax.
+Bad input exits with code 2 and one ``error:`` line per problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from midi.config import ConfigError, TrainingConfig, config_to_yaml, load_config, training_device_is_cpu
+from midi.data.errors import DataError, UsageError
+
+logger = logging.getLogger("train_lora")
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The script's own flags; everything else is a config override."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/train/lora_finetune.yaml", help="YAML config (configs/train/)")
+    parser.add_argument("--resume_from_checkpoint", metavar="latest|PATH",
+                        help="continue a run: 'latest' checkpoint of train.output_dir, or a checkpoint folder")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="validate, build, time real training steps at the configured size, print "
+                             "memory and estimates, write nothing, exit")  # fmt: skip
+    parser.add_argument("--print_config", action="store_true", help="print the resolved config with key docs and exit")
+    args, overrides = parser.parse_known_args(argv)
+    if args.resume_from_checkpoint:
+        overrides += ["--checkpointing.resume_from_checkpoint", args.resume_from_checkpoint]
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse -> validate -> build -> train -> export. Returns the exit code."""
+    args, overrides = parse_args(argv)
+    try:
+        cfg = load_config(args.config, overrides, environment=True)
+        if args.print_config:
+            print(config_to_yaml(cfg, comments=True), end="")
+            return 0
+        from midi.train_setup import check_model_setup_or_raise
+
+        check_model_setup_or_raise(cfg, args.config)
+        return run(cfg, dry_run=args.dry_run)
+    except _user_errors() as exc:
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The project's error classes: bad input, not a bug (printed as ``error: ...``, exit code 2)."""
+    errors: list[type[BaseException]] = [ConfigError, DataError, UsageError]
+    if "midi.trainer" in sys.modules:
+        from midi.lora import AdapterError
+        from midi.pipelines.loading import PipelineLoadError
+        from midi.trainer import TrainingError
+
+        errors += [TrainingError, AdapterError, PipelineLoadError]
+    return tuple(errors)
+
+
+# ----------------------------------------------------------------------------- build
+@dataclass
+class Run:
+    """Everything the loop needs, built once."""
+
+    cfg: TrainingConfig
+    accelerator: Any
+    pipe: Any
+    model: Any
+    optimizer: Any
+    lr_scheduler: Any
+    sampler: Any
+    loader: Any
+    train_set: Any
+    val_set: Any
+    checkpoints: Any
+    output_dir: Path
+    weight_dtype: Any
+    num_tokens: int
+    max_steps: int
+    params: list
+
+
+def build(cfg: TrainingConfig, dry_run: bool) -> Run:
+    """Accelerator, pipeline with LoRA, data, optimizer and schedule, prepared for (distributed) training."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    from midi import train_setup as setup
+    from midi.trainer import CheckpointManager
+    from midi.training import FlowMatchingModel
+
+    cpu = training_device_is_cpu()
+    mixed_precision = setup.resolve_mixed_precision(cfg.train.mixed_precision, cpu)
+    output_dir = Path(cfg.train.output_dir)
+    accelerator = Accelerator(
+        cpu=cpu,  # without it accelerate ignores torchrun's environment on CPU-only machines
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        log_with=None if cfg.logging.report_to == "none" or dry_run else cfg.logging.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / cfg.logging.logging_dir)),
+        step_scheduler_with_optimizer=False,  # stepped by hand, once per optimizer step
+    )
+    _setup_logging(accelerator.is_main_process)
+    set_seed(cfg.train.seed)
+    torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
+    weight_dtype = setup.weight_dtype_for(mixed_precision)
+    pipe = setup.build_pipeline(cfg, weight_dtype, accelerator.device)
+    num_tokens = pipe.transformer.config.width
+    train_set, val_set, sampler, loader = _build_data(cfg, pipe, accelerator, num_tokens, dry_run)
+    max_steps = cfg.train.max_steps or math.ceil(
+        sampler.batches_for_epochs(cfg.train.num_epochs) / (accelerator.num_processes * cfg.train.gradient_accumulation_steps))
+    optimizer = setup.build_optimizer(cfg, setup.trainable_parameters(pipe))
+    lr_scheduler = setup.build_lr_scheduler(cfg, optimizer, max_steps)
+    model, optimizer, lr_scheduler = accelerator.prepare(FlowMatchingModel(pipe), optimizer, lr_scheduler)
+    checkpoints = CheckpointManager(accelerator, pipe, cfg, output_dir, weight_dtype)
+    logger.info("mixed precision %s, frozen weights %s, %d process(es), %d optimizer steps", mixed_precision,
+                weight_dtype, accelerator.num_processes, max_steps)  # fmt: skip
+    return Run(cfg, accelerator, pipe, model, optimizer, lr_scheduler, sampler, loader, train_set, val_set,
+               checkpoints, output_dir, weight_dtype, num_tokens, max_steps, setup.trainable_parameters(pipe))  # fmt: skip
+
+
+def _build_data(cfg: TrainingConfig, pipe, accelerator, num_tokens: int, dry_run: bool):
+    import torch
+
+    from midi import train_data as td
+
+    with accelerator.main_process_first():  # the main process writes the synthetic set first
+        td.ensure_dataset(cfg.data, cfg.train.seed)
+    train_records = td.open_split(cfg.data.root, cfg.data.train_split)
+    v = cfg.validation
+    needs_val = bool(v.every_n_steps or (v.preview_every_n_steps and v.num_preview_scenes))
+    val_records = td.open_split(cfg.data.root, cfg.data.val_split)[: v.num_scenes] if needs_val else []
+    preprocessor = td.ConditionPreprocessor(pipe.feature_extractor_1, pipe.feature_extractor_2)
+    train_settings = td.SampleSettings.from_config(cfg.data, train=True)
+    cache = None
+    if cfg.cache.enabled and not dry_run:
+        from midi.train_cache import prepare_cache
+
+        cache = prepare_cache(cfg, pipe, accelerator, preprocessor, train_settings, num_tokens,
+                              train_records + val_records)  # fmt: skip
+    train_set = td.SceneDataset(train_records, train_settings, preprocessor, cache)
+    val_set = td.SceneDataset(val_records, td.SampleSettings.from_config(cfg.data, train=False), preprocessor, cache)
+    d = cfg.data
+    sampler = td.StreamBatchSampler(train_set.instance_counts(), cfg.train.batch_size, cfg.train.seed, num_tokens,
+                                    d.max_tokens_per_batch, d.bucket_by_instances, accelerator.process_index,
+                                    accelerator.num_processes)  # fmt: skip
+    loader_args = dict(num_workers=d.num_workers, collate_fn=td.Collator(train_settings.pad_to),
+                       pin_memory=accelerator.device.type == "cuda", generator=torch.Generator().manual_seed(0))
+    loader = lambda: torch.utils.data.DataLoader(train_set, batch_sampler=sampler, **loader_args)  # noqa: E731
+    return train_set, val_set, sampler, loader
+
+
+def _setup_logging(main_process: bool) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if main_process else logging.WARNING)  # fmt: skip
+    logging.getLogger("midi").setLevel(logging.INFO if main_process else logging.WARNING)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
+    logger.setLevel(logging.INFO if main_process else logging.WARNING)
+
+
+# ----------------------------------------------------------------------------- loop
+def run(cfg: TrainingConfig, dry_run: bool = False) -> int:
+    """Builds everything, then trains (or, with ``dry_run``, times one step) and exports."""
+    from midi.trainer import check_output_dir
+
+    if not dry_run:
+        check_output_dir(Path(cfg.train.output_dir), cfg.checkpointing.resume_from_checkpoint)
+    r = build(cfg, dry_run)
+    if dry_run:
+        print(measure_dry_run(r))
+        return 0
+    state = start(r)
+    train(r, state)
+    finish(r, state)
+    return 0
+
+
+def start(r: Run):
+    """Resumes or starts the run: restores state, writes the config, opens the trackers."""
+    from midi.trainer import TrainerState, resolve_resume, tracker_config, write_run_config
+
+    acc, cfg = r.accelerator, r.cfg
+    resume = resolve_resume(r.output_dir, cfg.checkpointing.resume_from_checkpoint)
+    state = r.checkpoints.load(resume) if resume else TrainerState()
+    if resume:
+        logger.info("resumed from %s at step %d", resume, state.global_step)
+    r.sampler.consumed = state.consumed_batches
+    if acc.is_main_process:
+        write_run_config(cfg, r.output_dir)
+    acc.init_trackers(cfg.logging.project_name, config=tracker_config(cfg))
+    return state
+
+
+def train(r: Run, state) -> None:
+    """The loop: accumulate micro-steps, clip, step, then log / validate / checkpoint on cadence."""
+    from tqdm.auto import tqdm
+
+    from midi.trainer import ThroughputMeter
+
+    acc, cfg = r.accelerator, r.cfg
+    batches = iter(r.loader())
+    meter = ThroughputMeter()
+    bar = tqdm(total=r.max_steps, initial=state.global_step, desc="train", unit="step",
+               disable=not (acc.is_main_process and cfg.logging.progress_bar))  # fmt: skip
+    r.model.train()
+    while state.global_step < r.max_steps:
+        loss, grad_norm, skipped = optimizer_step(r, state, batches, meter)
+        state.global_step += 1
+        count_nonfinite(r, state, skipped)
+        state.epoch = r.sampler.locate(state.consumed_batches)[0]
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{r.lr_scheduler.get_last_lr()[0]:.2e}")
+        on_step_end(r, state, meter, grad_norm)
+    bar.close()
+
+
+def optimizer_step(r: Run, state, batches, meter) -> tuple[float, float, bool]:
+    """One optimizer step over ``gradient_accumulation_steps`` micro-batches.
+
+    Returns:
+        ``(mean loss, grad norm, skipped)``; a step with a non-finite loss or gradient makes no update.
+    """
+    import torch
+
+    from midi.train_data import item_seed
+    from midi.training import training_step
+
+    acc, cfg = r.accelerator, r.cfg
+    losses, bad = [], False
+    grad_norm = float("nan")
+    for micro in range(cfg.train.gradient_accumulation_steps):
+        batch = next(batches).to(acc.device)
+        state.consumed_batches += acc.num_processes
+        seed = item_seed(cfg.train.seed, state.global_step, micro, acc.process_index)
+        torch.manual_seed(seed)  # LoRA dropout: the same masks whether or not the run was resumed
+        with acc.accumulate(r.model):
+            out = training_step(r.model, r.pipe.vae, r.pipe.scheduler, batch, cfg.objective, r.num_tokens,
+                                torch.Generator().manual_seed(seed))  # fmt: skip
+            # All processes must agree before backward, or DDP's gradient all-reduce would hang.
+            finite = bool(acc.reduce(torch.isfinite(out.loss.detach()).float().reshape(1), "sum") == acc.num_processes)
+            if finite:
+                acc.backward(out.loss)
+                losses.append(float(out.loss.detach()))
+            bad = bad or not finite
+            meter.update(losses[-1] if finite else None, len(batch.scene_ids), out.num_tokens)
+            if acc.sync_gradients:
+                norm = acc.clip_grad_norm_(r.params, cfg.optimizer.max_grad_norm or float("inf"))
+                grad_norm = float("nan") if norm is None else float(norm)  # None: DeepSpeed clips itself
+                bad = bad or (norm is not None and not math.isfinite(grad_norm) and acc.scaler is None)
+                if not bad:
+                    r.optimizer.step()
+                r.optimizer.zero_grad(set_to_none=True)
+                with warnings.catch_warnings():  # a skipped first step makes torch warn about the order
+                    warnings.simplefilter("ignore", UserWarning)
+                    r.lr_scheduler.step()  # also when skipped: the schedule follows the step count
+    return (sum(losses) / len(losses) if losses else float("nan")), grad_norm, bad
+
+
+def count_nonfinite(r: Run, state, skipped: bool) -> None:
+    """Counts skipped steps; too many in a row stop the run with an emergency checkpoint.
+
+    Raises:
+        TrainingError: ``train.max_consecutive_nonfinite`` skipped steps in a row.
+    """
+    from midi.trainer import TrainingError
+
+    if not skipped:
+        state.consecutive_nonfinite = 0
+        return
+    state.nonfinite_steps += 1
+    state.consecutive_nonfinite += 1
+    logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", state.global_step,
+                   state.consecutive_nonfinite)  # fmt: skip
+    if state.consecutive_nonfinite >= r.cfg.train.max_consecutive_nonfinite:
+        path = r.checkpoints.save(state, name=f"emergency-{state.global_step}", rotate=False)
+        raise TrainingError(f"stopped at step {state.global_step}: {state.consecutive_nonfinite} non-finite steps in a "
+                            f"row (train.max_consecutive_nonfinite); state saved to {path}; lower "
+                            "optimizer.learning_rate or use train.mixed_precision: bf16/no")  # fmt: skip
+
+
+def on_step_end(r: Run, state, meter, grad_norm: float) -> None:
+    """Logging, validation, previews and checkpoints on their cadences."""
+    cfg, step = r.cfg, state.global_step
+    if step % cfg.logging.log_every_n_steps == 0 or step == r.max_steps:
+        log_metrics(r, state, meter, grad_norm)
+    v, last, start = cfg.validation, step == r.max_steps, time.perf_counter()
+    if v.every_n_steps and (step % v.every_n_steps == 0 or last):
+        validate(r, state)
+    if v.preview_every_n_steps and v.num_preview_scenes and (step % v.preview_every_n_steps == 0 or last):
+        preview(r, step)
+    if step % cfg.checkpointing.every_n_steps == 0 or last:
+        r.checkpoints.save(state)
+    meter.start += time.perf_counter() - start  # throughput counts training time only
+
+
+def log_metrics(r: Run, state, meter, grad_norm: float) -> None:
+    """Loss (mean over processes), lr, grad norm, global throughput and peak memory."""
+    from midi.trainer import training_metrics
+
+    values = training_metrics(r.accelerator, meter, state, r.lr_scheduler.get_last_lr()[0], grad_norm)
+    r.accelerator.log(values, step=state.global_step)
+    meter.reset()
+
+
+def validate(r: Run, state) -> None:
+    """Validation loss; the best adapter so far is exported to ``best/``."""
+    from midi.train_eval import evaluate_loss
+    from midi.trainer import BEST_DIR, export_adapter, full_parameters
+
+    acc = r.accelerator
+    loss = evaluate_loss(acc, acc.unwrap_model(r.model), r.pipe.vae, r.val_set, r.cfg, r.num_tokens)
+    acc.log({"val/loss": loss}, step=state.global_step)
+    logger.info("step %d: validation loss %.5f", state.global_step, loss)
+    if state.best_val_loss is None or loss < state.best_val_loss:
+        state.best_val_loss, state.best_step = loss, state.global_step
+        with full_parameters(acc, r.model):
+            if acc.is_main_process:
+                record = f'{{"step": {state.global_step}, "val_loss": {loss!r}}}\n'
+                export_adapter(r.pipe, r.output_dir / BEST_DIR, r.cfg, state, r.cfg.model.mi_blocks, verify=False,
+                               dtype=r.weight_dtype, extra_files={"best.json": record})  # fmt: skip
+    acc.wait_for_everyone()
+
+
+def preview(r: Run, step: int) -> None:
+    """Preview generations on the main process (the others wait)."""
+    from accelerate.utils import DistributedType
+
+    from midi.train_eval import log_images, write_previews
+
+    acc = r.accelerator
+    if acc.distributed_type == DistributedType.FSDP:
+        logger.info("step %d: previews skipped under FSDP (the model is sharded across processes)", step)
+        return
+    if acc.is_main_process:
+        model = acc.unwrap_model(r.model)
+        model.eval()
+        with acc.autocast():
+            images = write_previews(r.pipe, r.val_set.records, r.val_set.settings, r.cfg, step, r.output_dir)
+        model.train()
+        log_images(acc, images, step)
+    acc.wait_for_everyone()
+
+
+def measure_dry_run(r: Run) -> str:
+    """Times two real optimizer steps at the configured size (the second is reported); writes nothing."""
+    import torch
+
+    from midi.train_setup import count_trainable
+    from midi.trainer import ThroughputMeter, TrainerState, format_dry_run, peak_memory_bytes
+
+    acc = r.accelerator
+    if acc.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(acc.device)
+    batches, state, meter = iter(r.loader()), TrainerState(), ThroughputMeter()
+    r.model.train()
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        optimizer_step(r, state, batches, meter)
+        times.append(time.perf_counter() - start)
+    rows = meter.tokens // (2 * r.num_tokens * r.cfg.train.gradient_accumulation_steps)
+    return format_dry_run(r.cfg, device=acc.device, num_processes=acc.num_processes, mixed_precision=acc.mixed_precision,
+                          trainable=count_trainable(r.pipe), step_seconds=times[-1], peak_bytes=peak_memory_bytes(acc.device),
+                          batches_per_epoch=r.sampler.epoch_length(0), rows_per_batch=rows, num_tokens=r.num_tokens,
+                          max_steps=r.max_steps, num_scenes=len(r.train_set))  # fmt: skip
+
+
+def finish(r: Run, state) -> None:
+    """Exports ``lora-final/`` and checks it through the inference path, then closes the trackers."""
+    from midi.trainer import FINAL_DIR, export_adapter, full_parameters
+
+    acc = r.accelerator
+    acc.wait_for_everyone()
+    with full_parameters(acc, r.model):
+        if acc.is_main_process:
+            path = export_adapter(r.pipe, r.output_dir / FINAL_DIR, r.cfg, state, r.cfg.model.mi_blocks,
+                                  verify=True, dtype=r.weight_dtype)  # fmt: skip
+            logger.info("final adapter: %s (%d steps, %d skipped as non-finite)", path, state.global_step,
+                        state.nonfinite_steps)  # fmt: skip
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
