@@ -383,7 +383,7 @@ choose_model() {
     say "an embedded toy model that trains on a laptop CPU in a minute (to try the tools; it learns nothing useful)."
     if [[ $default == tiny ]]; then
       say "No weights in pretrained_weights/MIDI-3D yet. To get the real model:"
-      say "  huggingface-cli download VAST-AI/MIDI-3D --local-dir pretrained_weights/MIDI-3D"
+      say "  hf download VAST-AI/MIDI-3D --local-dir pretrained_weights/MIDI-3D"
     fi
   fi
   while true; do

@@ -60,7 +60,7 @@ FRINGE_FRACTION = 0.001  # RGB maps: colours covering less than 0.1 % of the ima
 RGB_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 LABEL_MODES = ("P", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "1")
 DOWNLOAD_HINT = (
-    "download it with `huggingface-cli download VAST-AI/MIDI-3D --local-dir pretrained_weights/MIDI-3D`, "
+    "download it with `hf download VAST-AI/MIDI-3D --local-dir pretrained_weights/MIDI-3D`, "
     "or pass --pretrained_model_name_or_path tiny for a small random demo model"
 )
 

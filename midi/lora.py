@@ -270,6 +270,11 @@ def apply_lora(pipe, adapter: LoadedAdapter, mi_blocks: Sequence[str] | None) ->
                     f"{adapter.source}: {name}.{key} has shape {tuple(state[key].shape)}, the model expects "
                     f"{tuple(shape)} (rank {adapter.lora_configs[name]['r']} vs the config?)"
                 )
+        # Training keeps LoRA weights in float32 over a 16-bit base; do the same here (before
+        # loading, so nothing is rounded) and a bf16 pipeline reproduces the training model.
+        for param_name, param in model.named_parameters():
+            if "lora_" in param_name and param.dtype != torch.float32:
+                param.data = param.data.float()
         set_peft_model_state_dict(model, state)
 
 

@@ -43,7 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = "train_lora.py"
 TINY_MODEL = "tiny"  # = midi.config.TINY_MODEL (a test checks)
 REAL_MODEL_DIR = "pretrained_weights/MIDI-3D"
-DOWNLOAD_HINT = "huggingface-cli download VAST-AI/MIDI-3D --local-dir pretrained_weights/MIDI-3D"
+DOWNLOAD_HINT = "hf download VAST-AI/MIDI-3D --local-dir pretrained_weights/MIDI-3D"
 TINY_CONFIG = "configs/train/tiny.yaml"
 REAL_CONFIG = "configs/train/lora_finetune.yaml"
 # Raw mesh formats prepare_data.py reads (= midi.data.meshes.MESH_SUFFIXES, a test checks; importing

@@ -247,16 +247,8 @@ def verify_export(pipe, adapter_dir: Path, cfg: TrainingConfig, dtype: torch.dty
     try:
         for name in modes:
             getattr(pipe, name).eval()
-        reference, as_inference = _model_outputs(pipe, inputs), _model_outputs(fresh, inputs)
-        if dtype != torch.float32:
-            # Inference keeps LoRA weights in the base dtype, training in float32: compare like with like
-            # (the float32 copy isolates export bugs from rounding), and record the rounding separately.
-            for name in trained:
-                for key, param in getattr(fresh, name).named_parameters():
-                    if ".lora_" in key:
-                        param.data = param.data.float()
-            load_adapter_weights(fresh, adapter_dir)
-        reloaded = _model_outputs(fresh, inputs)
+        # apply_lora keeps LoRA weights in float32 over a 16-bit base, exactly like training.
+        reference, reloaded = _model_outputs(pipe, inputs), _model_outputs(fresh, inputs)
     finally:
         for name, mode in modes.items():
             getattr(pipe, name).train(mode)
@@ -265,7 +257,7 @@ def verify_export(pipe, adapter_dir: Path, cfg: TrainingConfig, dtype: torch.dty
     tolerance = (1e-5 if dtype == torch.float32 else 1e-2) * scale
     del fresh
     return {"max_abs_diff": diff, "tolerance": tolerance, "ok": diff <= tolerance, "compared": sorted(reference),
-            "dtype": str(dtype).removeprefix("torch."), "max_abs_diff_lora_in_base_dtype": _max_diff(reference, as_inference)}
+            "dtype": str(dtype).removeprefix("torch.")}
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

@@ -297,7 +297,7 @@ def test_subprocess_cli_bad_input_fails_fast(tmp_path):
     # Without the released weights the default model path explains how to get them.
     proc = subprocess.run(cmd[:-3] + [str(SCENES / "kitchen_seg.png"), "--output", str(out)], capture_output=True,
                           text=True, env=env, timeout=60, cwd=tmp_path)
-    assert proc.returncode == 2 and "huggingface-cli download VAST-AI/MIDI-3D" in proc.stderr
+    assert proc.returncode == 2 and "hf download VAST-AI/MIDI-3D" in proc.stderr
 
 
 @pytest.mark.slow

@@ -263,7 +263,7 @@ def test_training_command():
 # ----------------------------------------------------------------------------- model, data, doctor
 def test_check_model(tmp_path):
     assert qs.check_model("tiny") == qs.ModelChoice("tiny", qs.TINY_CONFIG, True)
-    with pytest.raises(qs.QuickstartError, match="no such folder.*huggingface-cli download VAST-AI/MIDI-3D"):
+    with pytest.raises(qs.QuickstartError, match="no such folder.*hf download VAST-AI/MIDI-3D"):
         qs.check_model(str(tmp_path / "missing"))
     with pytest.raises(qs.QuickstartError, match="no model_index.json"):
         qs.check_model(str(tmp_path))
@@ -483,7 +483,7 @@ def test_yes_with_a_bad_model_errors_before_creating_anything(tmp_path):
                            str(tmp_path / "no-model")], cwd=tmp_path, env=wizard_env(), stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2
-    assert "no such folder" in proc.stderr and "huggingface-cli download VAST-AI/MIDI-3D" in proc.stderr
+    assert "no such folder" in proc.stderr and "hf download VAST-AI/MIDI-3D" in proc.stderr
     assert not runs.exists()
 
 
@@ -518,7 +518,7 @@ def test_bad_model_answer_is_asked_again(tmp_path):
     child.sendintr()
     rc, out = finish(child)
     assert rc == 130, out
-    assert "huggingface-cli download VAST-AI/MIDI-3D" in out
+    assert "hf download VAST-AI/MIDI-3D" in out
 
 
 @pytest.mark.parametrize("sig", ["INT", "TERM"])

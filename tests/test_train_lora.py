@@ -216,12 +216,12 @@ def test_bad_input_fails_before_anything_is_written(data_root, tmp_path, capsys)
 
 
 def test_bf16_run_exports_a_verified_adapter(data_root, tmp_path):
-    """Mixed precision on the CPU: bf16 frozen weights, fp32 LoRA; the export check compares like with like."""
+    """Mixed precision on the CPU: bf16 frozen weights, fp32 LoRA; the inference path (apply_lora) keeps
+    LoRA weights in float32 too, so the reloaded adapter reproduces the training model exactly."""
     out = tmp_path / "run"
     assert _main(tiny_args(data_root, out, "--train.mixed_precision", "bf16", max_steps=2)) == 0
     check = json.loads((out / "lora-final" / "midi_adapter.json").read_text())["export_check"]
     assert check["ok"] and check["dtype"] == "bfloat16" and check["max_abs_diff"] == 0.0
-    assert 0 < check["max_abs_diff_lora_in_base_dtype"] < 0.1  # inference keeps LoRA weights in bf16
 
 
 def test_dry_run_reports_and_writes_nothing(data_root, tmp_path, capsys):

@@ -17,8 +17,8 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from peft import LoraConfig
 import transformers
+from peft import LoraConfig
 from transformers import Dinov2Model
 
 from midi.models.attention_processor import MIAttnProcessor2_0

@@ -51,7 +51,7 @@ def resolve_pipeline_folder(path: str | Path) -> Path:
     except Exception:
         raise PipelineLoadError(
             f"{path}: not a folder, and not a Hub repo id in the local cache (download it first, e.g. "
-            "`huggingface-cli download VAST-AI/MIDI-3D --local-dir pretrained_weights/MIDI-3D`)"
+            "`hf download VAST-AI/MIDI-3D --local-dir pretrained_weights/MIDI-3D`)"
         ) from None
 
 
