@@ -6,7 +6,7 @@ VENV := .venv
 REQ_HASH := $(shell cksum requirements.txt | cut -d' ' -f1)
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench quickstart clean
 
 $(STAMP): requirements.txt
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ lint: setup
 
 bench: setup
 	$(VENV)/bin/python bench/bench_mi_attention.py
+	$(VENV)/bin/python bench/bench_prepare_data.py
+	$(VENV)/bin/python bench/bench_training.py
+	$(VENV)/bin/python bench/bench_extraction.py
+
+quickstart:
+	bash quickstart_lora_training.sh
 
 clean:
 	rm -rf demo_output .pytest_cache

@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "TRAINING_README.md"
-LAUNCHERS = ("python", "accelerate", "torchrun", "pip", "tensorboard", "hf")
+LAUNCHERS = ("python", "accelerate", "torchrun", "pip", "tensorboard", "hf", "bash")
 
 
 def readme_commands() -> list[str]:
@@ -68,6 +68,14 @@ def test_readme_command(command, capsys, monkeypatch):
     elif words[0] == "tensorboard":
         assert (Path(sys.executable).parent / "tensorboard").is_file()
         assert words[1] == "--logdir" and words[2].endswith("/logs")
+    elif words[:2] == ["python", "inference_with_lora.py"] and "--help" not in words:
+        import inference_with_lora
+
+        args = inference_with_lora.parse_args(words[2:])  # argparse exits on an unknown flag
+        assert args.lora_path is not None or args.rgb_image is not None
+    elif words[0] == "bash" and words[1].endswith(".sh"):
+        result = subprocess.run(["bash", words[1], "--help"], cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 0 and "--yes" in result.stdout + result.stderr
     elif words[0] == "python" and words[1].endswith(".py"):
         result = subprocess.run([sys.executable, words[1], "--help"], cwd=REPO, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-1000:]
