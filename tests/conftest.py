@@ -39,3 +39,20 @@ def tiny_pipe():
     from midi.testing import tiny_pipeline
 
     return tiny_pipeline(seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: extra threads only add contention on small shared CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """A small synthetic midi-scenes dataset, shared by a test module."""
+    from _train_helpers import tiny_dataset
+
+    return tiny_dataset(tmp_path_factory.getbasetemp())

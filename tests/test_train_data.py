@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from _data_helpers import front3d_from_prepared
-from _train_helpers import NUM_POINTS, tiny_config, tiny_dataset
+from _train_helpers import NUM_POINTS, tiny_config
 
 from midi.data.dataset import load_scene_sample, open_dataset
 from midi.train_data import (
@@ -22,20 +22,6 @@ from midi.train_data import (
     load_view_sample,
     select_rows,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: extra threads only add contention on small shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tiny_dataset(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,8 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
-from _train_helpers import REPO, tiny_args, tiny_dataset
+from _train_helpers import REPO, tiny_args
 
 WRAPPER = """
 import os, sys
@@ -30,11 +29,6 @@ def finish(r, state):  # dump this rank's LoRA weights before the export
 train_lora.finish = finish
 sys.exit(train_lora.main(sys.argv[1:]))
 """
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tiny_dataset(tmp_path_factory.getbasetemp())
 
 
 def test_two_processes_keep_identical_weights_and_write_one_run(data_root, tmp_path):

@@ -14,15 +14,10 @@ import sys
 import pytest
 import safetensors.torch
 import torch
-from _train_helpers import REPO, TINY_YAML, tiny_args, tiny_dataset
+from _train_helpers import REPO, TINY_YAML, tiny_args
 
 import train_lora
 from midi.training import StepOutput
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tiny_dataset(tmp_path_factory.getbasetemp())
 
 
 def _reset_accelerate() -> None:

@@ -3,26 +3,11 @@ scenes packed into one batch do not see each other."""
 
 from __future__ import annotations
 
-import pytest
 import torch
-from _train_helpers import tiny_config, tiny_dataset
+from _train_helpers import tiny_config
 
 from midi.train_setup import build_pipeline, count_trainable, trainable_parameters
 from midi.training import FlowMatchingModel, TrainBatch
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: extra threads only add contention on small shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tiny_dataset(tmp_path_factory.getbasetemp())
 
 
 def _inputs(config, rows=3, seed=0):

@@ -27,15 +27,6 @@ from midi.training import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: extra threads only add contention on small shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_interpolation_endpoints_and_target_sign():
     x0, noise = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
     torch.testing.assert_close(make_noisy_latents(x0, noise, torch.zeros(2)), x0)
