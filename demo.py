@@ -55,9 +55,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="training steps (stopped at half, then resumed)")
     args = parser.parse_args()
     out = args.output_dir.resolve()
-    if out.exists():
+    if out.exists() and any(out.iterdir()):
+        if not (out / "demo.log").is_file():  # only ever delete a folder an earlier demo made
+            sys.exit(f"demo: {out} is not empty and was not made by the demo; choose another --output_dir")
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     log = out / "demo.log"
     py = sys.executable
     data, run_dir, scenes = out / "data", out / "lora-run", out / "scenes"

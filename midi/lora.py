@@ -133,6 +133,19 @@ def _config_to_dict(config: LoraConfig) -> dict[str, Any]:
     return data
 
 
+def _read_metadata(path: Path) -> dict[str, Any] | None:
+    """``midi_adapter.json`` if present; a corrupt file is an AdapterError naming it."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{path}: unreadable adapter metadata ({exc})") from None
+    if not isinstance(data, dict) or ("lora_configs" in data and not isinstance(data["lora_configs"], dict)):
+        raise AdapterError(f"{path}: adapter metadata must be a JSON object with 'lora_configs'")
+    return data
+
+
 def _rmtree(path: Path) -> None:
     import shutil
 
@@ -158,7 +171,10 @@ def find_adapter_dir(path: Path) -> Path:
         return path
     if (path / "lora-final").is_dir():
         return path / "lora-final"
-    checkpoints = sorted(path.glob("checkpoint-*/lora"), key=lambda p: int(p.parent.name.split("-")[-1]))
+    checkpoints = sorted(
+        (p for p in path.glob("checkpoint-*/lora") if p.parent.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.parent.name.split("-")[-1]),
+    )
     if checkpoints:
         return checkpoints[-1]
     raise AdapterError(f"{path}: no LoRA found (expected adapter_config.json, {CUSTOM_ADAPTER_FILE}, lora-final/ or checkpoint-*/lora/)")
@@ -189,14 +205,17 @@ def read_lora(path: str | os.PathLike) -> LoadedAdapter:
     if path.is_file():
         return _read_custom_adapter(path, path.parent / METADATA_FILE)
     folder = find_adapter_dir(path)
-    metadata = json.loads((folder / METADATA_FILE).read_text()) if (folder / METADATA_FILE).is_file() else None
+    metadata = _read_metadata(folder / METADATA_FILE)
     if (folder / "adapter_config.json").is_file():
         configs, weights = {}, {}
         for name in ADAPTER_MODELS:
             sub = folder if name == "transformer" else folder / name
             if not (sub / "adapter_config.json").is_file():
                 continue
-            config = LoraConfig.from_pretrained(str(sub))
+            try:
+                config = LoraConfig.from_pretrained(str(sub))
+            except Exception as exc:  # peft raises several types for a corrupt adapter_config.json
+                raise AdapterError(f"{sub / 'adapter_config.json'}: unreadable PEFT adapter config ({exc})") from None
             configs[name] = _config_to_dict(config)
             weights[name] = read_adapter_file(sub / "adapter_model.safetensors")
         return LoadedAdapter(folder, "midi-lora" if metadata else "peft", configs, weights,
@@ -207,7 +226,7 @@ def read_lora(path: str | os.PathLike) -> LoadedAdapter:
 
 def _read_custom_adapter(file: Path, metadata_file: Path) -> LoadedAdapter:
     state = read_adapter_file(file)
-    metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else None
+    metadata = _read_metadata(metadata_file)
     weights: dict[str, dict[str, torch.Tensor]] = {}
     for name in ADAPTER_MODELS:
         part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".") and "lora" in k}
@@ -216,7 +235,7 @@ def _read_custom_adapter(file: Path, metadata_file: Path) -> LoadedAdapter:
     if not weights:
         raise AdapterError(f"{file}: no LoRA weights (keys containing 'lora' with a transformer./image_encoder_N. prefix)")
     notes = []
-    if metadata:
+    if metadata and "lora_configs" in metadata:
         configs = metadata["lora_configs"]
     else:
         configs = {name: _infer_config_from_keys(w) for name, w in weights.items()}

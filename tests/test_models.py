@@ -155,14 +155,22 @@ def test_scalar_timestep_is_broadcast(tiny_pipe):
 def test_gradient_checkpointing_same_gradients(tiny_pipe):
     x, t, e1, e2 = _inputs()
     model = tiny_pipe.transformer.train()
-    grads = []
+    calls = []
+    feed_forward = model.blocks[0].ff
+    original = feed_forward.forward
+    # Forward hooks do not fire during checkpoint recomputation; wrapping forward counts it.
+    feed_forward.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    grads, forwards = [], []
     for enable in (False, True):
         model.zero_grad()
+        calls.clear()
         if enable:
             model.enable_gradient_checkpointing()
         model(x, t, e1, e2).sample.square().mean().backward()
         grads.append(model.proj_in.weight.grad.clone())
+        forwards.append(len(calls))
     assert model.is_gradient_checkpointing
+    assert forwards == [1, 2]  # with checkpointing the block is recomputed during backward
     torch.testing.assert_close(grads[0], grads[1])
 
 
@@ -372,3 +380,34 @@ def test_num_images_per_prompt_keeps_scene_groups(tiny_pipe):
     out = tiny_pipe(image=img, mask=masks, image_scene=img, num_inference_steps=1, num_images_per_prompt=2,
                     output_type="latent", generator=torch.Generator().manual_seed(0)).samples
     assert out.shape == (6, 64, 8)
+
+
+def test_per_component_dtype():
+    from midi import MIDIPipeline
+    from midi.pipelines.loading import PipelineLoadError
+
+    pipe = MIDIPipeline.from_pretrained(UPSTREAM_PIPELINE, torch_dtype={"vae": torch.float32, "default": torch.bfloat16})
+    assert pipe.vae.dtype == torch.float32 and pipe.transformer.dtype == torch.bfloat16
+    assert next(pipe.image_encoder_2.parameters()).dtype == torch.bfloat16
+    with pytest.raises(PipelineLoadError, match="unknown component"):
+        MIDIPipeline.from_pretrained(UPSTREAM_PIPELINE, torch_dtype={"vea": torch.float32})
+
+
+def test_read_lora_errors_are_one_line(tmp_path):
+    from midi.loaders.custom_adapter import AdapterError
+    from midi.lora import export_lora, lora_config_dict, read_lora
+    from midi.testing import TINY_MI_BLOCKS, tiny_pipeline
+
+    with pytest.raises(AdapterError, match="does not exist"):
+        read_lora(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterError, match="no LoRA found"):
+        read_lora(tmp_path / "empty")
+    pipe = tiny_pipeline(0)
+    pipe.init_custom_adapter(TINY_MI_BLOCKS, transformer_lora_config=lora_config_dict(2, 2), exact_module_names=True)
+    adapter = export_lora(pipe, tmp_path / "run" / "lora-final", TINY_MI_BLOCKS)
+    (tmp_path / "run" / "checkpoint-old" / "lora").mkdir(parents=True)  # a stray folder is ignored
+    assert read_lora(tmp_path / "run").source == adapter
+    (adapter / "midi_adapter.json").write_text("{not json")
+    with pytest.raises(AdapterError, match="midi_adapter.json: unreadable adapter metadata"):
+        read_lora(adapter)

@@ -73,3 +73,11 @@ def test_api_snippet_runs_on_the_upstream_tiny_folder():
 def test_scripts_answer_help(script):
     result = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0 and "usage" in result.stdout.lower()
+
+
+def test_demo_refuses_to_wipe_a_foreign_folder(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    proc = subprocess.run([sys.executable, "demo.py", "--output_dir", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "not made by the demo" in proc.stderr
+    assert (tmp_path / "precious.txt").read_text() == "keep me"

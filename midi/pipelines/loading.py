@@ -163,12 +163,26 @@ def _load_transformers_component(name: str, library: str, class_name: str, folde
     return model.eval()
 
 
-def load_components(path: str | Path, torch_dtype: torch.dtype | None = None) -> dict[str, Any]:
+def component_dtype(torch_dtype: torch.dtype | dict[str, torch.dtype] | None, name: str) -> torch.dtype | None:
+    """The dtype for one component: ``torch_dtype`` itself, or its entry (else ``"default"``) when a dict."""
+    if isinstance(torch_dtype, dict):
+        unknown = set(torch_dtype) - set(COMPONENTS) - {"default"}
+        if unknown:
+            raise PipelineLoadError(f"torch_dtype names unknown component(s) {sorted(unknown)}; use {list(COMPONENTS)} or 'default'")
+        return torch_dtype.get(name, torch_dtype.get("default"))
+    return torch_dtype
+
+
+def load_components(
+    path: str | Path, torch_dtype: torch.dtype | dict[str, torch.dtype] | None = None
+) -> dict[str, Any]:
     """Loads and validates the seven components of a MIDI-3D pipeline folder.
 
     Args:
         path: pipeline folder (or a cached Hub repo id).
-        torch_dtype: dtype for the models (default: as stored, float32 for custom models).
+        torch_dtype: dtype for the models (default: as stored, float32 for custom models), or a
+            dict per component with an optional ``"default"``, e.g.
+            ``{"vae": torch.float32, "default": torch.bfloat16}``.
 
     Returns:
         Keyword arguments for ``MIDIPipeline(...)``.
@@ -193,7 +207,9 @@ def load_components(path: str | Path, torch_dtype: torch.dtype | None = None) ->
                 components[name] = cls.from_pretrained(str(sub))
                 continue
             check_weights(name, cls, sub)
-            components[name] = cls.from_pretrained(str(sub), torch_dtype=torch_dtype).eval()
+            components[name] = cls.from_pretrained(str(sub), torch_dtype=component_dtype(torch_dtype, name)).eval()
         else:
-            components[name] = _load_transformers_component(name, library, class_name, sub, torch_dtype)
+            components[name] = _load_transformers_component(
+                name, library, class_name, sub, component_dtype(torch_dtype, name)
+            )
     return components

@@ -86,12 +86,13 @@ class MIDIPipeline(DiffusionPipeline, CustomAdapterMixin):
         self._guidance_scale = 1.0
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype: torch.dtype | None = None, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype: torch.dtype | dict | None = None, **kwargs):
         """Loads a folder in the released MIDI-3D layout (strict: keys and shapes are checked).
 
         Args:
             pretrained_model_name_or_path: the folder (or a Hub repo id already in the local cache).
-            torch_dtype: model dtype (default: as stored).
+            torch_dtype: model dtype (default: as stored), or a dict per component with an optional
+                ``"default"``, e.g. ``{"vae": torch.float32, "default": torch.bfloat16}``.
 
         Raises:
             midi.pipelines.loading.PipelineLoadError: with the component, key and shapes at fault.
