@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from diffusers import training_utils
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
@@ -30,29 +31,24 @@ def compute_density_for_timestep_sampling(
 ) -> torch.Tensor:
     """Draws ``u in (0, 1)`` (on CPU) from the density named by ``weighting_scheme``.
 
-    ``logit_normal`` and ``logit_normal_dist`` (MIDI's default) are the same distribution:
-    ``sigmoid(n), n ~ N(logit_mean, logit_std^2)``. ``mode`` is SD3's mode-biased density
-    (needs ``mode_scale``); anything else is uniform.
+    diffusers' SD3 helper, plus upstream MIDI's ``logit_normal_dist`` (its default), which is the
+    same distribution as ``logit_normal``: ``sigmoid(n), n ~ N(logit_mean, logit_std^2)``.
+    ``mode`` needs ``mode_scale``; anything else is uniform.
     """
-    if weighting_scheme in ("logit_normal", "logit_normal_dist"):
-        n = torch.randn(batch_size, generator=generator) * logit_std + logit_mean
-        return torch.sigmoid(n)
-    if weighting_scheme == "mode":
-        if mode_scale is None:
-            raise ValueError("weighting_scheme='mode' needs mode_scale")
-        u = torch.rand(batch_size, generator=generator)
-        return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
-    return torch.rand(batch_size, generator=generator)
+    if weighting_scheme == "logit_normal_dist":
+        weighting_scheme = "logit_normal"
+    if weighting_scheme == "mode" and mode_scale is None:
+        raise ValueError("weighting_scheme='mode' needs mode_scale")
+    return training_utils.compute_density_for_timestep_sampling(
+        weighting_scheme, batch_size, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale,
+        device="cpu", generator=generator,
+    )
 
 
 def compute_loss_weighting(weighting_scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
-    """Per-sample loss weights: ``sigma_sqrt`` -> ``sigma^-2``; ``cosmap`` -> ``2 / (pi (1 - 2s + 2s^2))``;
-    anything else (MIDI's default) -> 1."""
-    if weighting_scheme == "sigma_sqrt":
-        return (sigmas**-2.0).float()
-    if weighting_scheme == "cosmap":
-        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
-    return torch.ones_like(sigmas)
+    """Per-sample loss weights (diffusers' SD3 schemes): ``sigma_sqrt`` -> ``sigma^-2``; ``cosmap`` ->
+    ``2 / (pi (1 - 2s + 2s^2))``; anything else (MIDI's default) -> 1."""
+    return training_utils.compute_loss_weighting_for_sd3(weighting_scheme, sigmas)
 
 
 @dataclass
