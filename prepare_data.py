@@ -30,7 +30,8 @@ from elevation 30, azimuth 45, fov 40, distance fitted (--views N spreads azimut
 white background; splits by a seeded hash of the scene id with --val_fraction 0.1 (at least one
 val scene when there are two or more) and --test_fraction 0.0; all cores.
 
-Re-running skips finished scenes; bad scenes are skipped with a one-line reason.
+Re-running skips finished scenes (and keeps their splits); bad scenes are skipped with a one-line
+reason; a full disk stops the run.
 Exit codes: 0 clean; 1 some scene was skipped (or --check found errors); 2 usage error, or
 --strict and a scene failed (or --check --strict found warnings).
 """
@@ -157,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_check(args) if args.check is not None else run_prepare(args)
     except (UsageError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # e.g. a full disk: one line, not a traceback
+        where = exc.filename if exc.filename is not None else "(output)"
+        print(f"error: {where}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -479,6 +479,10 @@ prepare_raw() { # RAW_DIR PREPARED_DIR
   say "Preparing $1 into $2 (re-running skips finished scenes; Ctrl-C keeps the finished ones for next time)"
   run "$PY" prepare_data.py --input_dir "$1" --output_dir "$2" --image_size "$(config_value data.image_size)" \
     --num_samples "$(config_value data.num_surface_points)" || rc=$?
+  if ((rc <= 1)) && [[ $(kv scenes "$(qs detect-data "$2" 2>/dev/null)") == 0 ]]; then
+    warn "prepare_data.py wrote no scene from $1 (every scene was skipped, reasons above); fix the inputs or give other data"
+    return 1
+  fi
   if ((rc == 1)); then
     warn "some scenes were skipped (reasons above); continuing with the others"
   elif ((rc != 0)); then

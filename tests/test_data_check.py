@@ -141,3 +141,40 @@ def test_check_front3d_layout_in_place(tmp_path):
     assert report.layout == "3d-front"
     by_scene = {s.scene_id: {p.kind for p in s.problems} for s in report.scenes}
     assert by_scene == {"house00-room00": set(), "house01-room01": {"out_of_bounds"}}
+
+
+def test_object_in_no_id_map_is_a_warning(defective):
+    _, report = defective
+    missing = [p for p in report.problems if p.kind == "missing_object"]
+    assert missing and all(p.severity == "warning" for p in missing)
+
+
+def _manifest(root: Path) -> dict:
+    return json.loads((root / "manifest.json").read_text())
+
+
+def test_empty_dataset_or_empty_train_split_fails_the_check(tmp_path):
+    write_synthetic_dataset(tmp_path / "a", 2, seed=3, image_size=32, num_samples=256)
+    manifest = _manifest(tmp_path / "a")
+    manifest["splits"] = {"train": [], "val": [s["id"] for s in manifest["scenes"]], "test": []}
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
+    report = check_dataset(tmp_path / "a", write=False)
+    assert [p.kind for p in report.errors] == ["empty_split"]
+    manifest.update(scenes=[], splits={"train": [], "val": [], "test": []})
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
+    report = check_dataset(tmp_path / "a", write=False)
+    assert "no_scenes" in {p.kind for p in report.errors}
+
+
+def test_manifest_scene_without_id_is_a_one_line_error(tmp_path):
+    from midi.data.dataset import open_dataset
+    from midi.data.errors import DataError
+
+    write_synthetic_dataset(tmp_path, 1, seed=3, image_size=32, num_samples=256)
+    manifest = _manifest(tmp_path)
+    del manifest["scenes"][0]["id"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"manifest.json: scene entry 0 has no \"id\""):
+        open_dataset(tmp_path)
+    with pytest.raises(DataError, match="manifest.json"):
+        check_dataset(tmp_path, write=False)

@@ -152,3 +152,21 @@ def test_colour_map_outside_palette_orders_by_grey_level(tmp_path):
     Image.fromarray(rgb).save(tmp_path / "coded.png")
     labels = read_label_map(tmp_path / "coded.png")
     assert labels[1, 0] == 1 and labels[0, 0] == 2 and labels[2, 0] == 3 and labels[3, 0] == 0
+
+
+def test_invalid_front3d_room_list_is_a_one_line_error(dataset, tmp_path):
+    front3d_from_prepared(dataset, tmp_path / "front")
+    (tmp_path / "front" / "midi_room_ids.json").write_text('["house00/room00", ')
+    with pytest.raises(DataError, match="midi_room_ids.json: invalid JSON"):
+        open_dataset(tmp_path / "front")
+
+
+def test_front3d_txt_lists(dataset, tmp_path):
+    rooms = front3d_from_prepared(dataset, tmp_path / "front")
+    root = tmp_path / "front"
+    (root / "midi_room_ids.json").unlink()
+    (root / "midi_furniture_ids.json").unlink()
+    (root / "midi_room_ids.txt").write_text("".join(f"{r}\n" for r, _ in rooms))
+    (root / "midi_furniture_ids.txt").write_text("".join(", ".join(n) + "\n" for _, n in rooms))
+    records = open_dataset(root)
+    assert [list(r.object_names) for r in records] == [n for _, n in rooms]

@@ -129,3 +129,20 @@ def test_joint_normalisation_keeps_layout():
     alone = joint_normalization(meshes[1:2], bound=0.95)
     assert np.abs(alone.apply(meshes[1].vertices)).max() == pytest.approx(0.95)
     assert alone.scale > norm.scale
+
+
+@pytest.mark.parametrize("mirror", [(-1, 1, 1), (1, -1, 1), (1, 1, 1)])
+def test_mirrored_instance_keeps_outward_normals(tmp_path, mirror):
+    # A node with a reflecting transform reverses the orientation; the loader must flip the
+    # winding so the sampled normals of a closed convex mesh still point outward.
+    scene = trimesh.Scene()
+    box = trimesh.creation.box(extents=(1.0, 2.0, 3.0))
+    matrix = np.diag([*mirror, 1.0])
+    matrix[:3, 3] = (2.0, 0.5, -1.0)
+    scene.add_geometry(box, node_name="mirrored", transform=matrix)
+    path = tmp_path / "mirrored.glb"
+    scene.export(path)
+    obj = load_object(path)
+    points, normals = sample_surface(obj.mesh, 500, np.random.default_rng(0))
+    centroid = obj.mesh.vertices.mean(axis=0)
+    assert np.all(np.einsum("ij,ij->i", points - centroid, normals) > 0)

@@ -291,3 +291,130 @@ def test_npz_surfaces_and_output_inside_input(tmp_path):
     record = open_dataset(tmp_path / "prepared")[0]
     assert [p.suffix for p in record.surface_paths] == [".npz", ".npz"]
     assert load_surface(record.surface_paths[0])[0].shape == (128, 3)
+
+
+def _boxes_inputs(root: Path, names) -> Path:
+    for k, name in enumerate(names):
+        write_boxes(root / name, {"a": (0, 0, 0), "b": (2 + k, 0, 0)})
+    return root
+
+
+def test_resume_refuses_other_background_margin_views_seed(tmp_path):
+    from dataclasses import replace
+
+    from midi.data.errors import UsageError
+
+    inputs = _boxes_inputs(tmp_path / "in", ["s0"])
+    prepare_dataset(inputs, tmp_path / "out", OPTIONS)
+    for change, key in (
+        ({"background": (0.0, 0.0, 0.0)}, "background"),
+        ({"bound": 0.8}, "bound"),
+        ({"views": 2}, "views"),
+        ({"seed": 5}, "seed"),
+    ):
+        with pytest.raises(UsageError, match=key):
+            prepare_dataset(inputs, tmp_path / "out", replace(OPTIONS, **change))
+    # Without a manifest the finished scenes' records are compared.
+    (tmp_path / "out" / "manifest.json").unlink()
+    with pytest.raises(UsageError, match="bound"):
+        prepare_dataset(inputs, tmp_path / "out", replace(OPTIONS, bound=0.8))
+    prepare_dataset(inputs, tmp_path / "out", OPTIONS)  # same settings: fine
+
+
+def test_corrupt_manifest_on_resume_is_a_one_line_error(tmp_path):
+    from midi.data.errors import DataError
+
+    inputs = _boxes_inputs(tmp_path / "in", ["s0"])
+    prepare_dataset(inputs, tmp_path / "out", OPTIONS)
+    (tmp_path / "out" / "manifest.json").write_text('{"scenes": [')
+    with pytest.raises(DataError, match="manifest.json: corrupt manifest"):
+        prepare_dataset(inputs, tmp_path / "out", OPTIONS)
+
+
+def test_adding_scenes_keeps_earlier_splits(tmp_path):
+    from dataclasses import replace
+
+    options = replace(OPTIONS, val_fraction=0.3)
+    inputs = _boxes_inputs(tmp_path / "in", [f"s{k}" for k in range(4)])
+    prepare_dataset(inputs, tmp_path / "out", options)
+    before = json.loads((tmp_path / "out" / "manifest.json").read_text())["splits"]
+    # Whatever the hashes of the new ids, no earlier scene may change split.
+    _boxes_inputs(inputs, [f"s{k}" for k in range(4, 12)])
+    prepare_dataset(inputs, tmp_path / "out", options)
+    after = json.loads((tmp_path / "out" / "manifest.json").read_text())["splits"]
+    for split, ids in before.items():
+        assert set(ids) <= set(after[split]), (split, before, after)
+    assert sum(map(len, after.values())) == 12
+
+
+def test_assign_splits_keeps_existing_and_forces_val_among_new_only():
+    from midi.data.layout import assign_splits
+
+    ids = ["a", "b", "c"]
+    existing = {"train": ["a"], "val": [], "test": []}
+    splits = assign_splits(ids, val_fraction=1e-9, existing=existing)
+    assert "a" in splits["train"] and len(splits["val"]) == 1 and splits["val"][0] in ("b", "c")
+    # Only old scenes, all train: nothing is moved to val.
+    assert assign_splits(["a", "b"], 1e-9, existing={"train": ["a", "b"]})["train"] == ["a", "b"]
+
+
+def _die_on_bad(real):
+    def build(job, options):
+        if job.scene_id == "bad":
+            os._exit(9)  # like the OOM killer: the worker vanishes
+        return real(job, options)
+
+    return build
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs fork to patch the workers")
+def test_dead_worker_skips_in_flight_scenes_and_continues(tmp_path, monkeypatch):
+    import multiprocessing
+
+    if multiprocessing.get_start_method(allow_none=False) != "fork":
+        pytest.skip("needs the fork start method")
+    from midi.data import sources
+
+    monkeypatch.setattr(sources, "build_content", _die_on_bad(sources.build_content))
+    inputs = _boxes_inputs(tmp_path / "in", ["bad", *[f"s{k}" for k in range(5)]])
+    report = prepare_dataset(inputs, tmp_path / "out", OPTIONS, workers=2)
+    reasons = {s["scene"]: s["reason"] for s in report.skipped}
+    assert reasons.get("bad") == prepare_module.WORKER_DIED
+    assert set(reasons.values()) == {prepare_module.WORKER_DIED}
+    assert set(report.written) | set(reasons) == {"bad", *[f"s{k}" for k in range(5)]}
+    assert report.written  # the run went on after the worker died
+
+
+def test_full_disk_stops_the_run_with_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "out" / "x.npy"))
+
+    monkeypatch.setattr(prepare_module, "save_surface", full)
+    inputs = _boxes_inputs(tmp_path / "in", ["s0", "s1"])
+    with pytest.raises(OSError):
+        prepare_dataset(inputs, tmp_path / "out", OPTIONS)
+    cli = _cli()
+    args = [
+        "--input_dir",
+        str(inputs),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--workers",
+        "1",
+        "--no_progress",
+    ]
+    assert cli.main([*args, "--image_size", "48", "--num_samples", "512"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {tmp_path / 'out' / 'x.npy'}: {os.strerror(errno.ENOSPC)}"]
+
+
+def test_atomic_write_fsyncs_before_rename(tmp_path, monkeypatch):
+    from midi.data import atomic
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    atomic.write_json(tmp_path / "a.json", {"x": 1})
+    assert synced and json.loads((tmp_path / "a.json").read_text()) == {"x": 1}

@@ -477,6 +477,18 @@ def test_raw_meshes_are_prepared_next_to_the_folder_and_checked(tmp_path):
     assert Path(load_config(runs / "tiny-lora" / "config.yaml").data.root) == prepared
 
 
+def test_raw_meshes_that_all_fail_give_a_clear_message(tmp_path):
+    raw = tmp_path / "raw"
+    for scene in ("s1", "s2"):
+        (raw / scene).mkdir(parents=True)
+        shutil.copy(REPO / "tests/data/meshes/empty.stl", raw / scene / "empty.stl")
+    proc = subprocess.run(["bash", str(SCRIPT), "--yes", "--no_venv", "--no_measure", "--no_train", "--runs_dir",
+                           str(tmp_path / "runs"), "--data", "raw"], cwd=tmp_path, env=wizard_env(),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "prepare_data.py wrote no scene from" in proc.stdout + proc.stderr
+
+
 def test_yes_with_a_bad_model_errors_before_creating_anything(tmp_path):
     runs = tmp_path / "runs"
     proc = subprocess.run(["bash", str(SCRIPT), "--yes", "--no_venv", "--runs_dir", str(runs), "--model",

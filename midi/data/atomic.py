@@ -43,6 +43,9 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
     try:
         with open(tmp, mode, encoding=encoding) as f:
             yield f
+            # Flush to disk before the rename, so a crash never leaves a renamed empty file.
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -2,9 +2,10 @@
 
 Problems carry a severity. Errors make the data wrong for training: unreadable files, NaNs,
 points outside [-1, 1], normals that are not unit length, too few points, a surface without area,
-image/id map size mismatch, an id map label with no object, an object in no id map, a manifest
-that lists missing scenes. Warnings are legitimate but worth a look: an object absent from one view
-(empty mask), a tiny mask, a finished scene the manifest does not list.
+image/id map size mismatch, an id map label with no object, a manifest that lists missing scenes,
+no scene at all or an empty train split. Warnings are legitimate but worth a look: an object absent
+from one view (empty mask) or from every view (the reader and the converter drop it), a tiny mask,
+a finished scene the manifest does not list.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ import numpy as np
 
 from midi.data import layout
 from midi.data.atomic import write_json
-from midi.data.dataset import DEFAULT_MIN_MASK_FRACTION, SceneRecord, open_dataset, read_manifest
+from midi.data.dataset import (
+    DEFAULT_MIN_MASK_FRACTION,
+    SceneRecord,
+    manifest_entries,
+    open_dataset,
+    read_manifest,
+)
 from midi.data.errors import DataError
 from midi.data.images import open_image, read_label_map
 from midi.data.surface_io import load_surface
@@ -27,7 +34,7 @@ REPORT_NAME = "check_report.json"
 SHEET_NAME = "contact_sheet.png"
 BOUND_TOLERANCE = 1e-4
 NORMAL_TOLERANCE = 1e-3
-WARNING_KINDS = frozenset({"empty_mask", "tiny_mask", "unlisted_scene"})
+WARNING_KINDS = frozenset({"empty_mask", "tiny_mask", "unlisted_scene", "missing_object"})
 
 
 @dataclass
@@ -220,8 +227,15 @@ def check_manifest(root: Path) -> list[Problem]:
         manifest = read_manifest(root)
     except DataError as exc:
         return [Problem("(dataset)", "bad_manifest", str(exc))]
+    try:
+        listed = [entry["id"] for entry in manifest_entries(manifest, root / layout.MANIFEST)]
+    except DataError as exc:
+        return [Problem("(dataset)", "bad_manifest", str(exc))]
     problems = []
-    listed = [entry["id"] for entry in manifest.get("scenes", [])]
+    if not listed:
+        problems.append(Problem("(dataset)", "no_scenes", f"{layout.MANIFEST} lists no scene"))
+    elif not manifest.get("splits", {}).get("train"):
+        problems.append(Problem("(dataset)", "empty_split", "the train split is empty"))
     for sid in listed:
         if not layout.is_finished(layout.scene_dir(root, sid)):
             problems.append(
@@ -272,6 +286,8 @@ def check_dataset(
     kind = layout.detect_layout(root)
     records = open_dataset(root, "all")
     dataset_problems = check_manifest(root) if kind == layout.FORMAT else []
+    if not records and not dataset_problems:
+        dataset_problems.append(Problem("(dataset)", "no_scenes", "the dataset has no scene"))
     if min_points is None:
         min_points = int(read_manifest(root).get("num_surface_points", 1)) if kind == layout.FORMAT else 20480
     scenes = [check_scene(r, min_points, min_mask_fraction) for r in records]

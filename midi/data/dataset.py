@@ -125,12 +125,35 @@ def read_manifest(root: str | Path) -> dict:
     return manifest
 
 
+def manifest_entries(manifest: dict, path: str | Path) -> list[dict]:
+    """Returns the validated scene entries of a manifest (``id``, ``objects``, ``views``).
+
+    Raises:
+        DataError: ``"<path>: <problem>"`` for a malformed scene list or entry.
+    """
+    scenes = manifest.get("scenes", [])
+    if not isinstance(scenes, list):
+        raise DataError(f'{path}: "scenes" is not a list')
+    for k, entry in enumerate(scenes):
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not entry["id"]:
+            raise DataError(f'{path}: scene entry {k} has no "id"')
+        for key in ("objects", "views"):
+            value = entry.get(key)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise DataError(f'{path}: scene {entry["id"]}: "{key}" is not a list of names')
+    splits = manifest.get("splits", {})
+    if not isinstance(splits, dict) or not all(isinstance(v, list) for v in splits.values()):
+        raise DataError(f'{path}: "splits" is not a mapping of split name to scene ids')
+    return scenes
+
+
 def _open_manifest(root: Path, split: str) -> list[SceneRecord]:
     manifest = read_manifest(root)
+    entries = manifest_entries(manifest, Path(root) / layout.MANIFEST)
     fmt = str(manifest.get("surface_format", "npy"))
     wanted = None if split == "all" else set(manifest.get("splits", {}).get(split, []))
     records = []
-    for entry in manifest.get("scenes", []):
+    for entry in entries:
         if wanted is not None and entry["id"] not in wanted:
             continue
         folder = layout.scene_dir(root, entry["id"])

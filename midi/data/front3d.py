@@ -3,8 +3,8 @@
 ::
 
     <root>/
-      midi_room_ids.json         # ["<house>/<room>", ...]   (or valid_room_ids.json; .txt lists too)
-      midi_furniture_ids.json    # [[object names of room 0], [object names of room 1], ...]
+      midi_room_ids.json         # ["<house>/<room>", ...]   (or valid_room_ids.json; .txt: a room a line)
+      midi_furniture_ids.json    # [[object names of room 0], ...]   (.txt: a line of comma-separated names a room)
       3D-FRONT-RENDER/<house>/<room>/render_0000.webp, rerender_0003.webp, semantic_0000.png ...
       3D-FRONT-SURFACE/<house>/<room>/<object>.npy
       3D-FRONT-SCENE/<house>/<room>/<object>.glb           (not needed here)
@@ -47,13 +47,31 @@ def is_front3d_root(root: Path) -> bool:
     return (root / SURFACE_DIR).is_dir() and any(_list_file(root, rooms) for rooms, _ in LIST_PAIRS)
 
 
-def _read_list(path: Path) -> list:
+def _read_list(path: Path, nested: bool = False) -> list:
+    """Reads a list file: JSON, or ``.txt`` with one entry a line.
+
+    In a ``.txt`` furniture list (``nested``) each line holds the comma-separated object names
+    of one room.
+
+    Raises:
+        DataError: ``"<file>: <problem>"`` for invalid JSON or the wrong structure.
+    """
     if path.suffix == ".txt":
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if nested:
+            return [[name.strip() for name in line.split(",") if name.strip()] for line in lines]
+        return lines
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as exc:
+        raise DataError(f"{path.name}: invalid JSON ({exc})") from exc
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list")
+        raise DataError(f"{path.name}: expected a JSON list")
+    if nested and not all(isinstance(names, list) for names in data):
+        raise DataError(f"{path.name}: expected a list of lists of object names (one list per room)")
+    if not nested and not all(isinstance(room, str) for room in data):
+        raise DataError(f"{path.name}: expected a list of room paths")
     return data
 
 
@@ -70,7 +88,7 @@ def read_rooms(root: Path) -> list[tuple[str, list[str]]]:
     for rooms_stem, furniture_stem in LIST_PAIRS:
         rooms_file, furniture_file = _list_file(root, rooms_stem), _list_file(root, furniture_stem)
         if rooms_file and furniture_file:
-            rooms, furniture = _read_list(rooms_file), _read_list(furniture_file)
+            rooms, furniture = _read_list(rooms_file), _read_list(furniture_file, nested=True)
             if len(rooms) != len(furniture):
                 raise DataError(
                     f"{rooms_file.name} lists {len(rooms)} rooms but {furniture_file.name} {len(furniture)}"

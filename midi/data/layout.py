@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 FORMAT = "midi-scenes"
@@ -130,25 +130,42 @@ def split_unit(seed: int, scene_id: str) -> float:
 
 
 def assign_splits(
-    scene_ids: Sequence[str], val_fraction: float = 0.1, test_fraction: float = 0.0, seed: int = 0
+    scene_ids: Sequence[str],
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.0,
+    seed: int = 0,
+    existing: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, list[str]]:
     """Assigns scenes to train/val/test from a seeded hash of each id.
 
-    The split of a scene depends only on its id and the seed, so adding scenes in a later run
-    does not move earlier ones. With two or more scenes and ``val_fraction > 0`` at least one
-    scene goes to val (the one with the smallest hash among the train scenes).
+    The split of a new scene depends only on its id and the seed. With two or more scenes and
+    ``val_fraction > 0`` at least one scene goes to val (the one with the smallest hash among the
+    new train scenes). Scenes listed in ``existing`` (the splits of an earlier run) keep their
+    split, so adding scenes in a later run never moves earlier ones.
 
     Args:
         scene_ids: All scene ids.
         val_fraction: Expected fraction of val scenes.
         test_fraction: Expected fraction of test scenes.
         seed: Split seed.
+        existing: ``{split: [ids]}`` of an earlier run (ids no longer present are dropped).
 
     Returns:
         ``{"train": [...], "val": [...], "test": [...]}``, each sorted.
     """
     splits: dict[str, list[str]] = {name: [] for name in SPLITS}
-    units = {sid: split_unit(seed, sid) for sid in scene_ids}
+    kept: dict[str, str] = {}
+    for name, ids in (existing or {}).items():
+        if name in splits:
+            for sid in ids:
+                kept.setdefault(sid, name)
+    units = {}
+    for sid in scene_ids:
+        if sid in kept:
+            splits[kept[sid]].append(sid)
+        else:
+            units[sid] = split_unit(seed, sid)
+    new_train = []
     for sid, u in units.items():
         if u < test_fraction:
             splits["test"].append(sid)
@@ -156,8 +173,9 @@ def assign_splits(
             splits["val"].append(sid)
         else:
             splits["train"].append(sid)
-    if val_fraction > 0 and not splits["val"] and len(splits["train"]) >= 2:
-        pick = min(splits["train"], key=lambda s: units[s])
+            new_train.append(sid)
+    if val_fraction > 0 and not splits["val"] and len(splits["train"]) >= 2 and new_train:
+        pick = min(new_train, key=lambda s: units[s])
         splits["train"].remove(pick)
         splits["val"].append(pick)
     return {name: sorted(ids) for name, ids in splits.items()}

@@ -106,7 +106,12 @@ def scene_instances(scene: trimesh.Scene, source: str) -> tuple[list[NamedMesh],
             skipped.append((str(node), reason))
             continue
         vertices = trimesh.transform_points(np.asarray(geometry.vertices, np.float64), matrix)
-        mesh = trimesh.Trimesh(vertices, np.asarray(geometry.faces), process=False)
+        faces = np.asarray(geometry.faces)
+        if np.linalg.det(np.asarray(matrix, np.float64)[:3, :3]) < 0:
+            # A mirroring transform reverses the orientation: flip the winding so normals
+            # (taken from the winding) still point outward.
+            faces = faces[:, ::-1]
+        mesh = trimesh.Trimesh(vertices, np.ascontiguousarray(faces), process=False)
         instances.append(NamedMesh(str(node), mesh, f"{source}#{node}"))
     return instances, skipped
 

@@ -19,10 +19,12 @@ files), ``num_points``, and for meshes ``num_faces`` and ``area`` (normalised un
 
 from __future__ import annotations
 
+import errno
 import shutil
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,9 @@ from midi.data.surface_io import save_surface
 from midi.data.threads import single_threaded_blas, worker_init
 
 REPORT_NAME = "prepare_report.json"
+WORKER_DIED = "worker died (out of memory?)"
+# Errors of the output disk: fatal for the whole run, since every later scene would fail alike.
+FATAL_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EROFS) if e)
 
 
 @dataclass
@@ -216,13 +221,28 @@ def _outcomes(output_dir: Path, jobs: Sequence[SceneJob], options: PrepareOption
     try:
         # Keep only a few jobs queued per worker, so a --strict stop or Ctrl-C leaves little to cancel.
         queue = list(reversed(jobs))
-        running: set[Future[SceneOutcome]] = set()
+        running: dict[Future[SceneOutcome], SceneJob] = {}
         while queue or running:
             while queue and len(running) < 2 * workers:
-                running.add(pool.submit(process_job, queue.pop(), output_dir, options))
-            done, running = wait(running, return_when=FIRST_COMPLETED)
+                job = queue.pop()
+                running[pool.submit(process_job, job, output_dir, options)] = job
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            broken = False
             for future in done:
-                yield future.result()
+                job = running.pop(future)
+                try:
+                    yield future.result()
+                except BrokenProcessPool:
+                    # A worker was killed (typically by the OOM killer): which job did it is
+                    # unknown, so every job in flight is skipped; the rest go to a new pool.
+                    broken = True
+                    yield SceneOutcome(job.scene_id, "skipped", WORKER_DIED)
+            if broken:
+                for job in running.values():
+                    yield SceneOutcome(job.scene_id, "skipped", WORKER_DIED)
+                running.clear()
+                pool.shutdown(wait=True, cancel_futures=True)
+                pool = ProcessPoolExecutor(max_workers=workers, initializer=worker_init)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -245,6 +265,10 @@ def process_job(job: SceneJob, output_dir: Path, options: PrepareOptions) -> Sce
             write_scene(output_dir, job.scene_id, content, options)
     except DataError as exc:
         return SceneOutcome(job.scene_id, "skipped", str(exc))
+    except OSError as exc:
+        if exc.errno in FATAL_ERRNOS:
+            raise  # a full or read-only output disk stops the run (prepare_data.py prints one line)
+        return SceneOutcome(job.scene_id, "skipped", str(DataError(f"{type(exc).__name__}: {exc}")))
     except Exception as exc:  # a per-scene failure must never stop the run
         return SceneOutcome(job.scene_id, "skipped", str(DataError(f"{type(exc).__name__}: {exc}")))
     return SceneOutcome(
@@ -339,26 +363,62 @@ def finished_scenes(output_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def read_old_manifest(output_dir: Path) -> dict[str, Any] | None:
+    """Reads the manifest of an earlier run (None when there is none).
+
+    Raises:
+        DataError: ``"<file>: <problem>"`` when it is unreadable or not a JSON object.
+    """
+    path = Path(output_dir) / layout.MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = layout.read_json(path)
+    except ValueError as exc:
+        raise DataError(f"{path}: corrupt manifest ({exc}); delete it to rebuild it from the scenes") from exc
+    if not isinstance(data, dict):
+        raise DataError(
+            f"{path}: corrupt manifest (not a JSON object); delete it to rebuild it from the scenes"
+        )
+    return data
+
+
 def check_resume_settings(output_dir: Path, options: PrepareOptions) -> None:
-    """Refuses to mix scenes prepared with other sample counts, image sizes or surface formats.
+    """Refuses to mix scenes prepared with other settings.
+
+    Compared: sample count, image size, surface format, background, normalisation bound (margin),
+    and, where recorded, rendered views and seed.
 
     Raises:
         UsageError: Naming the setting, the old and the new value.
+        DataError: The existing manifest is corrupt.
     """
-    manifest = Path(output_dir) / layout.MANIFEST
-    old: dict[str, Any] = {}
-    if manifest.is_file():
-        old = layout.read_json(manifest)
-    else:
-        records = finished_scenes(output_dir)
-        old = next(iter(records.values()), {})
+    old = read_old_manifest(output_dir)
+    if old is None:
+        record = next(iter(finished_scenes(output_dir).values()), {})
+        old = {k: record[k] for k in ("num_surface_points", "image_size", "surface_format", "background", "seed")
+               if k in record}  # fmt: skip
+        norm = record.get("normalization")
+        if isinstance(norm, dict) and "bound" in norm:
+            old["bound"] = norm["bound"]
     wanted = {"num_surface_points": options.num_samples, "image_size": options.image_size,
-              "surface_format": options.surface_format}  # fmt: skip
+              "surface_format": options.surface_format, "background": list(options.background),
+              "bound": options.bound, "views": options.views, "seed": options.seed}  # fmt: skip
     for key, value in wanted.items():
-        if key in old and old[key] != value:
+        if key not in old:
+            continue
+        same = _close(old[key], value) if key == "bound" else old[key] == value
+        if not same:
             raise UsageError(
                 f"{output_dir} was prepared with {key}={old[key]}, not {value}; use the same or a new folder"
             )
+
+
+def _close(a: object, b: float) -> bool:
+    try:
+        return abs(float(a) - b) < 1e-9  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
 
 
 def write_manifest(output_dir: Path, options: PrepareOptions) -> dict[str, Any]:
@@ -367,7 +427,15 @@ def write_manifest(output_dir: Path, options: PrepareOptions) -> dict[str, Any]:
     Returns:
         The manifest.
     """
+    old = read_old_manifest(output_dir) or {}
     records = finished_scenes(output_dir)
+    split_settings = {
+        "val_fraction": options.val_fraction,
+        "test_fraction": options.test_fraction,
+        "seed": options.seed,
+    }
+    # Scenes of earlier runs keep their split; only new scenes are assigned.
+    existing = old.get("splits") if old.get("split_settings") == split_settings else None
     scenes = [
         {
             "id": sid,
@@ -383,15 +451,14 @@ def write_manifest(output_dir: Path, options: PrepareOptions) -> dict[str, Any]:
         "image_size": options.image_size,
         "surface_format": options.surface_format,
         "background": list(options.background),
+        "bound": options.bound,
+        "views": options.views,
+        "seed": options.seed,
         "scenes": scenes,
         "splits": layout.assign_splits(
-            list(records), options.val_fraction, options.test_fraction, options.seed
+            list(records), options.val_fraction, options.test_fraction, options.seed, existing=existing
         ),
-        "split_settings": {
-            "val_fraction": options.val_fraction,
-            "test_fraction": options.test_fraction,
-            "seed": options.seed,
-        },
+        "split_settings": split_settings,
     }
     write_json(Path(output_dir) / layout.MANIFEST, manifest)
     return manifest
