@@ -14,7 +14,15 @@ and, with ``--save_instances``, ``room_<name>.glb`` per instance. See :mod:`midi
 the accepted instance maps and the instance order.
 
 Exit status: 0 done; 2 bad input (one line ``error: <file>: <problem>`` on stderr, nothing
-written); 1 a scene produced no surface at all (batch mode: the other scenes are still written).
+written) or an output that cannot be written (``error: <file>: <reason>``, e.g. disk full or no
+permission; none of that scene's files is left, and batch mode stops there since the next scenes
+would fail the same way; scenes already done are kept); 1 a scene produced no surface at all or
+ran out of memory (``error: <scene>: out of memory during <stage>; ...``; batch mode goes on with
+the next scene).
+
+RGBA images are composited on white by default; upstream's script drops the alpha channel
+instead, so ``--instance_order upstream`` alone does not reproduce upstream's results for RGBA
+inputs: add ``--rgba upstream`` for that.
 """
 
 from __future__ import annotations
@@ -33,9 +41,12 @@ from midi.inference import (
     InputError,
     InputOptions,
     ModelOptions,
+    OutOfMemory,
+    OutputError,
     build_pipeline,
     check_model_path,
     find_pairs,
+    is_out_of_memory,
     one_line,
     output_format,
     prepare_scene,
@@ -52,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses the command line (argparse exits with status 2 on malformed options)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     io = p.add_argument_group("inputs and outputs (one scene, or a folder of X_rgb.png / X_seg.png pairs)")
-    io.add_argument("--rgb_image", type=Path, help="scene image (RGBA is composited on white)")
+    io.add_argument("--rgb_image", type=Path, help="scene image (RGBA: see --rgba)")
     io.add_argument("--seg_image", type=Path, help="instance map: palette/grey label map or RGB colour-coded")
     io.add_argument("--output", type=Path, help=f"scene file; format from the extension ({', '.join(MESH_FORMATS)})")
     io.add_argument("--input_dir", type=Path, help="batch mode: folder of X_rgb.png / X_seg.png pairs")
@@ -65,7 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     seg = p.add_argument_group("instance map")
     seg.add_argument("--instance_order", choices=("default", "upstream"), default="default",
                      help="default: ascending label value (RGB maps: ascending colour); upstream: ascending "
-                          "grey level of the map converted to 'L', to reproduce upstream results")
+                          "grey level of the map converted to 'L', upstream's instance order (for upstream "
+                          "results on RGBA images add --rgba upstream)")
+    seg.add_argument("--rgba", choices=("white", "upstream"), default="white",
+                     help="transparent scene images: white = composite on white; upstream = drop the alpha "
+                          "channel as upstream's convert('RGB') does (hidden pixels keep their stored colour)")
     seg.add_argument("--min_instance_pixels", type=int, default=None,
                      help="RGB maps: colours with fewer pixels are anti-aliased fringe and ignored; "
                           "None = 0.1%% of the image area")
@@ -152,7 +167,7 @@ def check_args(args: argparse.Namespace) -> list[tuple[str, Path, Path, Path]]:
 def input_options(args: argparse.Namespace) -> InputOptions:
     """The :class:`InputOptions` of the command line."""
     return InputOptions(args.instance_order, args.do_image_padding, args.max_instances, args.min_instance_pixels,
-                        args.label_names)
+                        args.label_names, args.rgba)
 
 
 def generation_options(args: argparse.Namespace) -> GenerationOptions:
@@ -172,11 +187,24 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def out_of_memory_message(name: str, stage: str, args: argparse.Namespace) -> str:
+    """The one-line advice printed when a scene runs out of memory."""
+    return (f"{name}: out of memory during {stage}; try --num_chunks {max(1, args.num_chunks // 2)} or smaller, "
+            "--extraction coarse_to_fine or a lower --octree_depth")
+
+
+def free_device_memory() -> None:
+    """Returns cached CUDA blocks after an out-of-memory error, so the next scene starts clean."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Runs the command line; returns 0, or 1 when some scene had no surface at all.
+    """Runs the command line; returns 0, or 1 when some scene had no surface or ran out of memory.
 
     Raises:
-        SystemExit: status 2 on bad input.
+        SystemExit: status 2 on bad input or an output that cannot be written.
     """
     args = parse_args(argv)
     if not logging.getLogger().handlers:
@@ -197,13 +225,28 @@ def main(argv: list[str] | None = None) -> int:
     options = generation_options(args)
     status = 0
     for name, rgb, seg, output in jobs:
+        stage = "reading the inputs"
         try:
             scene = prepare_scene(rgb, seg, input_options(args))
             logger.info("%s: %d instances (%s)", name, len(scene.names), ", ".join(scene.names))
+            stage = "denoising"
             result = run_scene(loaded, scene, options)
+            stage = "export"
             save_outputs(result, output, args.save_instances, not args.no_preview, args.preview_size)
         except InputError as exc:  # e.g. no instance had a surface; the other scenes go on
             print(f"error: {one_line(str(exc))}", file=sys.stderr)
+            status = 1
+            continue
+        except OutputError as exc:  # disk full, permission: the next scenes would fail alike
+            fail(str(exc))
+        except OSError as exc:
+            fail(f"{exc.filename or output}: {exc.strerror or exc}")
+        except Exception as exc:  # out of memory: this scene is lost, the next may be smaller
+            if not isinstance(exc, OutOfMemory) and not is_out_of_memory(exc):
+                raise
+            free_device_memory()
+            print(f"error: {one_line(out_of_memory_message(name, getattr(exc, 'stage', stage), args))}",
+                  file=sys.stderr)
             status = 1
             continue
         logger.info("%s", summary_line(result, output))

@@ -3,7 +3,8 @@
 Stages (each a function here; ``inference_with_lora.py`` only wires them to the command line):
 
 1. **Inputs** (cheap: numpy + PIL only, so bad input fails before the model is imported):
-   :func:`read_rgb` composites RGBA on white; :func:`read_segmentation` turns the instance map into
+   :func:`read_rgb` composites RGBA on white (``rgba="upstream"``: drops alpha, as upstream's
+   ``convert("RGB")`` does); :func:`read_segmentation` turns the instance map into
    integer labels (0 = background) and an ordered instance list; :func:`prepare_scene` checks
    sizes and counts, pads, and names the instances; :func:`split_instances` makes the per-instance
    pipeline inputs exactly as upstream's script does.
@@ -13,8 +14,9 @@ Stages (each a function here; ``inference_with_lora.py`` only wires them to the 
 3. **Generation** (:func:`generate_latents`, :func:`run_scene`): denoising, then surface
    extraction per instance (:mod:`midi.extraction`).
 4. **Output** (:func:`save_outputs`): one scene file (format from the extension) with one node
-   per instance named after its label, optional per-instance files and a preview PNG; every file
-   is written under a temporary name and renamed.
+   per instance named after its label, optional per-instance files and a preview PNG. The set is
+   all-or-nothing: everything is encoded first, written under temporary names, then renamed; on
+   any failure the files of this call are removed and :class:`OutputError` is raised.
 
 Instance order (it decides which noise row each instance gets, so it matters for reproducibility):
 
@@ -22,7 +24,9 @@ Instance order (it decides which noise row each instance gets, so it matters for
   RGB colour-coded maps by ascending colour ``(R, G, B)`` (lexicographic). Black is the background.
 - ``upstream``: the map converted to "L" and sorted by grey level, as upstream's script does
   (palette colours become luminance: blue 29 < red 76 < green 150 < yellow 226; colours with equal
-  luminance merge; no fringe filtering).
+  luminance merge; no fringe filtering). This reproduces upstream's instance order only: an RGBA
+  image is still composited on white unless ``rgba="upstream"`` (CLI ``--rgba upstream``) drops the
+  alpha channel as upstream does (transparent pixels then keep their stored, often black, colour).
 
 Non-square images are centred on a white square (the processors centre-crop, and upstream's
 mask channel is resized without the crop, so a non-square frame would lose and misalign
@@ -65,13 +69,35 @@ DOWNLOAD_HINT = (
 )
 
 
-class InputError(Exception):
-    """Bad user input; ``str()`` is ``"<file>: <problem>"`` (the CLI prints ``error: `` + it)."""
-
+class _FileError(Exception):
     @classmethod
-    def at(cls, path: str | os.PathLike | None, problem: str) -> InputError:
+    def at(cls, path: str | os.PathLike | None, problem: str):
         """Builds the error for ``path`` (or without a file when None)."""
         return cls(f"{path}: {problem}" if path is not None else problem)
+
+
+class InputError(_FileError):
+    """Bad user input; ``str()`` is ``"<file>: <problem>"`` (the CLI prints ``error: `` + it)."""
+
+
+class OutputError(_FileError):
+    """The outputs could not be written (none of the set is left); ``str()`` is ``"<file>: <problem>"``."""
+
+
+class OutOfMemory(Exception):
+    """The device (or host) ran out of memory; ``stage`` says where ("denoising", "surface extraction")."""
+
+    def __init__(self, stage: str):
+        super().__init__(f"out of memory during {stage}")
+        self.stage = stage
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for ``torch.OutOfMemoryError`` and CPU allocation failures (a RuntimeError saying so)."""
+    if type(exc).__name__ in ("OutOfMemoryError", "MemoryError") or isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text.lower() or "DefaultCPUAllocator" in text)
 
 
 def one_line(message: str, limit: int = 400) -> str:
@@ -139,17 +165,17 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     return image
 
 
-def read_rgb(path: str | os.PathLike) -> Image.Image:
-    """Reads the scene image as RGB; transparency is composited on white."""
+def read_rgb(path: str | os.PathLike, rgba: str = "white") -> Image.Image:
+    """Reads the scene image as RGB; transparency is composited on white (``rgba="upstream"``: alpha dropped)."""
     image = open_image(path)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         array = np.asarray(image, np.float64)
         scale = 65535.0 if image.mode.startswith("I;16") else max(1.0, float(array.max()))
         image = Image.fromarray(np.clip(array / scale * 255.0 + 0.5, 0, 255).astype(np.uint8))
     has_alpha = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info)
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    if has_alpha and rgba == "white":
+        image = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
     return image.convert("RGB")
 
 
@@ -291,6 +317,7 @@ class InputOptions:
     max_instances: int = DEFAULT_MAX_INSTANCES
     min_pixels: int | None = None
     label_names: Path | None = None
+    rgba: str = "white"  # "white": composite transparency on white; "upstream": drop alpha (upstream's convert)
 
 
 def prepare_scene(rgb_path: str | os.PathLike, seg_path: str | os.PathLike, options: InputOptions,
@@ -304,7 +331,7 @@ def prepare_scene(rgb_path: str | os.PathLike, seg_path: str | os.PathLike, opti
         InputError: unreadable files, different sizes, no instance, too many instances, bad names.
     """
     rgb_path, seg_path = Path(rgb_path), Path(seg_path)
-    rgb = read_rgb(rgb_path)
+    rgb = read_rgb(rgb_path, options.rgba)
     seg = read_segmentation(seg_path, options.order, options.min_pixels)
     if rgb.size != seg.labels.shape[::-1]:
         w, h = seg.labels.shape[::-1]
@@ -526,20 +553,31 @@ def generate_latents(loaded: LoadedPipeline, scene: SceneInput, options: Generat
 
 
 def run_scene(loaded: LoadedPipeline, scene: SceneInput, options: GenerationOptions) -> SceneResult:
-    """Denoises and extracts one mesh per instance; instances without surface are logged, not fatal."""
+    """Denoises and extracts one mesh per instance; instances without surface are logged, not fatal.
+
+    Raises:
+        OutOfMemory: the device or host ran out of memory (``stage`` names the step).
+    """
     from tqdm.auto import tqdm
 
     from midi.extraction import ExtractionConfig, extract_surfaces
 
     config = options.extraction or ExtractionConfig()
     start = time.perf_counter()
-    latents = generate_latents(loaded, scene, options)
-    denoised = time.perf_counter()
+    stage = "denoising"
 
     def progress(items):
         return tqdm(items, desc=f"extracting ({config.method})", unit="instance", disable=not options.progress, leave=False)
 
-    surfaces = extract_surfaces(loaded.pipe, latents, config, progress=progress)
+    try:
+        latents = generate_latents(loaded, scene, options)
+        denoised = time.perf_counter()
+        stage = "surface extraction"
+        surfaces = extract_surfaces(loaded.pipe, latents, config, progress=progress)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise OutOfMemory(stage) from exc
     result = SceneResult(scene, surfaces, denoised - start, time.perf_counter() - denoised)
     for name, surface in zip(scene.names, surfaces):
         if surface.mesh is None:
@@ -564,15 +602,33 @@ def output_format(path: str | os.PathLike) -> str:
     return ext
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` through a temporary sibling and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def write_all_or_nothing(files: Sequence[tuple[Path, bytes]]) -> None:
+    """Writes every ``(path, data)`` under a temporary sibling, then renames them all.
+
+    On any failure the temporary files and the files already renamed by this call are removed
+    (an older file that one of them replaced is lost too), so no partial set is left.
+
+    Raises:
+        OSError: the first write or rename that failed, with ``filename`` the final path.
+    """
+    temps = [path.with_name(f".{path.name}.tmp-{os.getpid()}") for path, _ in files]
+    renamed: list[Path] = []
+    current = None
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        for (current, data), tmp in zip(files, temps):
+            current.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+        for (current, _), tmp in zip(files, temps):
+            os.replace(tmp, current)
+            renamed.append(current)
+    except BaseException as exc:
+        for leftover in temps + renamed:
+            try:
+                leftover.unlink(missing_ok=True)
+            except OSError:  # e.g. the folder itself is unusable: nothing was written there
+                pass
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, exc.strerror or str(exc), str(current)) from exc
         raise
 
 
@@ -632,33 +688,45 @@ def save_outputs(result: SceneResult, output: Path, save_instances: bool = False
                  preview_size: int = 384) -> list[Path]:
     """Writes the scene file, optionally ``<stem>_<name>.<ext>`` per instance, and ``<stem>.png``.
 
+    All-or-nothing: every file is encoded first, then written by :func:`write_all_or_nothing`;
+    a failure leaves none of them (a preview that cannot be *rendered* is only a warning).
+
     Raises:
         InputError: no instance has a surface (nothing is written).
+        OutputError: a file could not be encoded or written (``"<file>: <reason>"``; nothing is left).
     """
     fmt = output_format(output)
     if not result.meshes:
         raise InputError.at(result.scene.seg_path, f"no instance produced a surface ({len(result.surfaces)} tried); "
                                                    "nothing written")
     scene = build_trimesh_scene(result)
-    written = []
-    if save_instances:
-        for name, geometry in scene.geometry.items():
-            path = output.with_name(f"{output.stem}_{safe_file_name(name)}{output.suffix}")
-            write_atomic(path, export_bytes(geometry, fmt))
-            written.append(path)
+    files: list[tuple[Path, bytes]] = []
+    path = output
+    try:
+        if save_instances:
+            for name, geometry in scene.geometry.items():
+                path = output.with_name(f"{output.stem}_{safe_file_name(name)}{output.suffix}")
+                files.append((path, export_bytes(geometry, fmt)))
+        path = output
+        files.append((output, export_bytes(scene, fmt)))
+    except OSError as exc:
+        raise OutputError.at(path, exc.strerror or str(exc)) from exc
+    except Exception as exc:
+        raise OutputError.at(path, f"cannot encode {fmt.upper()} ({type(exc).__name__}: {exc})") from exc
     if fmt in SINGLE_MESH_FORMATS and len(scene.geometry) > 1:
         logger.info("%s: %s holds a single mesh; the %d instances are concatenated (use --save_instances or .glb "
                     "for separate nodes)", output.name, fmt.upper(), len(scene.geometry))
-    write_atomic(output, export_bytes(scene, fmt))
-    written.append(output)
     if preview:
         try:
-            png = output.with_suffix(".png")
-            write_atomic(png, render_preview(result, preview_size))
-            written.append(png)
+            files.append((output.with_suffix(".png"), render_preview(result, preview_size)))
         except Exception as exc:  # a preview must never cost the user the scene
             logger.warning("%s: preview not written (%s: %s)", output.name, type(exc).__name__, exc)
-    return written
+    try:
+        write_all_or_nothing(files)
+    except OSError as exc:
+        where = exc.filename or output
+        raise OutputError.at(where, exc.strerror or str(exc)) from exc
+    return [path for path, _ in files]
 
 
 def summary_line(result: SceneResult, output: Path) -> str:

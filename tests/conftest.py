@@ -41,9 +41,10 @@ def tiny_pipe():
     return tiny_pipeline(seed=0)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _one_thread():
-    """Tiny tensors: extra threads only add contention on small shared CPUs."""
+    """Tiny tensors: extra threads only add contention on small shared CPUs. Session-wide, so that
+    module-scoped fixtures and tests compute with the same thread count (bitwise comparisons)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -97,6 +97,19 @@ def test_rgba_is_composited_on_white(tmp_path):
     assert kitchen.mode == "RGB" and kitchen.size == (1024, 1024)
 
 
+def test_rgba_upstream_drops_alpha_like_upstream(tmp_path):
+    array = np.zeros((4, 4, 4), np.uint8)
+    array[..., 0] = 200
+    array[:2, :, 3] = 255
+    Image.fromarray(array, mode="RGBA").save(tmp_path / "rgba.png")
+    rgb = read_rgb(tmp_path / "rgba.png", rgba="upstream")
+    assert np.array_equal(np.asarray(rgb), np.asarray(Image.open(tmp_path / "rgba.png").convert("RGB")))
+    assert (np.asarray(rgb)[2:] == [200, 0, 0]).all()  # transparent pixels keep their stored colour
+    Image.fromarray(np.full((4, 4), 1, np.uint8), mode="L").save(tmp_path / "seg.png")
+    scene = prepare_scene(tmp_path / "rgba.png", tmp_path / "seg.png", InputOptions(rgba="upstream"))
+    assert (np.asarray(scene.rgb)[2:] == [200, 0, 0]).all()
+
+
 def test_split_instances_matches_upstream_convention():
     scene = prepare_scene(*scene_files(KIDS), InputOptions())
     images, masks, scenes = split_instances(scene)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -17,12 +18,14 @@ import trimesh
 from PIL import Image
 
 import inference_with_lora as cli
+from midi import extraction, inference
 from midi.extraction import ExtractionConfig
 from midi.inference import (
     GenerationOptions,
     InputError,
     InputOptions,
     ModelOptions,
+    OutputError,
     build_pipeline,
     generate_latents,
     prepare_scene,
@@ -90,6 +93,16 @@ def half_lora_latents(kids_scene, lora_dir) -> torch.Tensor:
     return latents_for(kids_scene, lora_path=lora_dir, lora_scale=0.5)
 
 
+def labels_in_map(name: str) -> list[str]:
+    """``instance_<label>`` for every non-background label of a shared seg map, read independently."""
+    image = Image.open(SCENES / f"{name}_seg.png")
+    array = np.asarray(image)
+    if image.mode == "P":
+        return [f"instance_{v}" for v in np.unique(array) if v != 0]
+    colours = np.unique(array[..., :3].reshape(-1, 3), axis=0)
+    return sorted(f"instance_{r:02x}{g:02x}{b:02x}" for r, g, b in colours if (r, g, b) != (0, 0, 0))
+
+
 def scene_nodes(path: Path) -> list[str]:
     loaded = trimesh.load(path)
     return sorted(loaded.graph.nodes_geometry)
@@ -101,7 +114,7 @@ def test_each_shared_scene_gives_one_node_per_instance(tmp_path, name):
     assert cli.main(pair(name) + ["--output", str(out)] + FAST) == 0
     nodes = scene_nodes(out)
     assert len(nodes) == INSTANCES[name]  # the tiny model's fields cross 0 for every instance here
-    assert all(n.startswith("instance_") for n in nodes)
+    assert nodes == labels_in_map(name)
     assert Image.open(out.with_suffix(".png")).size == (64, 64)
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
@@ -236,13 +249,85 @@ def test_failed_export_leaves_no_file(tmp_path, kids_scene, monkeypatch):
     options = GenerationOptions(num_inference_steps=1, progress=False, extraction=ExtractionConfig(octree_depth=4))
     result = run_scene(loaded, kids_scene, options)
 
-    def broken_export(scene, fmt):
-        raise RuntimeError("disk full")
+    real_export = inference.export_bytes
 
-    monkeypatch.setattr("midi.inference.export_bytes", broken_export)
-    with pytest.raises(RuntimeError):
-        save_outputs(result, tmp_path / "scene.glb")
+    def export_fails_on_the_scene(scene, fmt):  # the per-instance files are encoded first and succeed
+        if isinstance(scene, trimesh.Scene):
+            raise RuntimeError("encoder broke")
+        return real_export(scene, fmt)
+
+    monkeypatch.setattr("midi.inference.export_bytes", export_fails_on_the_scene)
+    with pytest.raises(OutputError, match=r"scene\.glb: cannot encode GLB \(RuntimeError: encoder broke\)"):
+        save_outputs(result, tmp_path / "scene.glb", save_instances=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_leaves_no_partial_set(tmp_path, kids_scene, monkeypatch):
+    """A rename failing after others succeeded (disk full) removes the files already in place."""
+    loaded = build_pipeline(ModelOptions("tiny"))
+    options = GenerationOptions(num_inference_steps=1, progress=False, extraction=ExtractionConfig(octree_depth=4))
+    result = run_scene(loaded, kids_scene, options)
+    real_replace = os.replace
+    calls = []
+
+    def replace_fails_third(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_replace(src, dst)
+
+    monkeypatch.setattr("midi.inference.os.replace", replace_fails_third)
+    with pytest.raises(OutputError, match="No space left on device") as caught:
+        save_outputs(result, tmp_path / "scene.glb", save_instances=True)
+    assert str(caught.value).startswith(str(calls[2]))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output_one_line_exit_2(tmp_path, kitchen, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(kitchen + ["--output", str(blocker / "scene.glb")] + FAST)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {blocker / 'scene.glb'}: ") and "Traceback" not in err[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize("stage", ["denoising", "surface extraction"])
+def test_out_of_memory_is_one_line_and_batch_goes_on(tmp_path, monkeypatch, capsys, stage):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    for name in ("kitchen", "cartoon-01"):
+        for kind in ("rgb", "seg"):
+            image = Image.open(SCENES / f"{name}_{kind}.png")
+            image.resize((128, 128), Image.Resampling.NEAREST).save(inputs / f"{name}_{kind}.png")
+    target = "midi.inference.generate_latents" if stage == "denoising" else "midi.extraction.extract_surfaces"
+    real = inference.generate_latents if stage == "denoising" else extraction.extract_surfaces
+    calls = []
+
+    def first_call_runs_out(*a, **k):  # cartoon-01 comes first (sorted); CUDA's error, then the CPU's
+        calls.append(1)
+        if len(calls) == 1:
+            raise (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB") if stage == "denoising"
+                   else RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(target, first_call_runs_out)
+    assert cli.main(["--input_dir", str(inputs), "--output_dir", str(out), "--format", "obj"] + FAST) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert err == [f"error: cartoon-01: out of memory during {stage}; try --num_chunks 25000 or smaller, "
+                   "--extraction coarse_to_fine or a lower --octree_depth"]
+    assert sorted(p.name for p in out.iterdir()) == ["kitchen.obj", "kitchen.png"]
+
+
+def test_other_runtime_errors_are_not_reported_as_memory(tmp_path, kitchen, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr("midi.inference.generate_latents", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        cli.main(kitchen + ["--output", str(tmp_path / "s.glb")] + FAST)
 
 
 def test_batch_mode(tmp_path):
