@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(exc).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2
+    except OSError as exc:  # unwritable output/cache folder, full disk, ...: one line, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -132,7 +136,9 @@ def build(cfg: TrainingConfig, dry_run: bool) -> Run:
     _setup_logging(accelerator.is_main_process)
     set_seed(cfg.train.seed)
     torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
-    weight_dtype = setup.weight_dtype_for(mixed_precision)
+    from accelerate.utils import DistributedType
+
+    weight_dtype = setup.weight_dtype_for(mixed_precision, fsdp=accelerator.distributed_type == DistributedType.FSDP)
     pipe = setup.build_pipeline(cfg, weight_dtype, accelerator.device)
     num_tokens = pipe.transformer.config.width
     train_set, val_set, sampler, loader = _build_data(cfg, pipe, accelerator, num_tokens, dry_run)
@@ -140,6 +146,7 @@ def build(cfg: TrainingConfig, dry_run: bool) -> Run:
         sampler.batches_for_epochs(cfg.train.num_epochs) / (accelerator.num_processes * cfg.train.gradient_accumulation_steps))
     optimizer = setup.build_optimizer(cfg, setup.trainable_parameters(pipe))
     lr_scheduler = setup.build_lr_scheduler(cfg, optimizer, max_steps)
+    setup.configure_deepspeed(accelerator, cfg)
     model, optimizer, lr_scheduler = accelerator.prepare(FlowMatchingModel(pipe), optimizer, lr_scheduler)
     checkpoints = CheckpointManager(accelerator, pipe, cfg, output_dir, weight_dtype)
     logger.info("mixed precision %s, frozen weights %s, %d process(es), %d optimizer steps", mixed_precision,
@@ -272,17 +279,44 @@ def optimizer_step(r: Run, state, batches, meter) -> tuple[float, float, bool]:
                 losses.append(float(out.loss.detach()))
             bad = bad or not finite
             meter.update(losses[-1] if finite else None, len(batch.scene_ids), out.num_tokens)
+            del out  # a skipped micro-step's activations are not kept alive through the next one
             if acc.sync_gradients:
-                norm = acc.clip_grad_norm_(r.params, cfg.optimizer.max_grad_norm or float("inf"))
-                grad_norm = float("nan") if norm is None else float(norm)  # None: DeepSpeed clips itself
-                bad = bad or (norm is not None and not math.isfinite(grad_norm) and acc.scaler is None)
-                if not bad:
-                    r.optimizer.step()
-                r.optimizer.zero_grad(set_to_none=True)
-                with warnings.catch_warnings():  # a skipped first step makes torch warn about the order
-                    warnings.simplefilter("ignore", UserWarning)
-                    r.lr_scheduler.step()  # also when skipped: the schedule follows the step count
+                grad_norm, bad = apply_update(r, bad)
     return (sum(losses) / len(losses) if losses else float("nan")), grad_norm, bad
+
+
+def apply_update(r: Run, bad: bool) -> tuple[float, bool]:
+    """Clip, optimizer step (unless ``bad``), zero the gradients, step the schedule.
+
+    A step already known to be non-finite is neither clipped nor stepped. Under fp16 the
+    gradient scaler then backs its scale off by hand: ``clip_grad_norm_`` would unscale the
+    gradients and, without the ``update()`` that only ``optimizer.step()`` runs, the next
+    step's unscale would fail. A step the scaler skips itself (inf/nan gradients) counts as skipped.
+
+    Returns:
+        ``(grad norm, skipped)``; the norm is NaN when not computed (skipped, or DeepSpeed clips itself).
+    """
+    from accelerate.utils import DistributedType
+
+    acc, cfg = r.accelerator, r.cfg
+    grad_norm = float("nan")
+    if not bad:
+        # FSDP clips through the wrapped model (its sharded flat parameters), everything else the LoRA weights.
+        params = list(r.model.parameters()) if acc.distributed_type == DistributedType.FSDP else r.params
+        norm = acc.clip_grad_norm_(params, cfg.optimizer.max_grad_norm or float("inf"))
+        grad_norm = float("nan") if norm is None else float(norm)  # None: DeepSpeed clips itself
+        bad = norm is not None and not math.isfinite(grad_norm) and acc.scaler is None
+    if not bad:
+        r.optimizer.step()
+        bad = bool(getattr(r.optimizer, "step_was_skipped", False))  # the fp16 scaler found inf/nan gradients
+    elif acc.scaler is not None:
+        scaler = acc.scaler
+        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())  # also resets its per-step state
+    r.optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():  # a skipped first step makes torch warn about the order
+        warnings.simplefilter("ignore", UserWarning)
+        r.lr_scheduler.step()  # also when skipped: the schedule follows the step count
+    return grad_norm, bad
 
 
 def count_nonfinite(r: Run, state, skipped: bool) -> None:
@@ -333,11 +367,15 @@ def log_metrics(r: Run, state, meter, grad_norm: float) -> None:
 
 def validate(r: Run, state) -> None:
     """Validation loss; the best adapter so far is exported to ``best/``."""
+    from accelerate.utils import DistributedType
+
     from midi.train_eval import evaluate_loss
     from midi.trainer import BEST_DIR, export_adapter, full_parameters
 
     acc = r.accelerator
-    loss = evaluate_loss(acc, acc.unwrap_model(r.model), r.pipe.vae, r.val_set, r.cfg, r.num_tokens)
+    # FSDP: the wrapped model gathers its shards in forward; the unwrapped one holds only this process's shard.
+    model = r.model if acc.distributed_type == DistributedType.FSDP else acc.unwrap_model(r.model)
+    loss = evaluate_loss(acc, model, r.pipe.vae, r.val_set, r.cfg, r.num_tokens)
     acc.log({"val/loss": loss}, step=state.global_step)
     logger.info("step %d: validation loss %.5f", state.global_step, loss)
     if state.best_val_loss is None or loss < state.best_val_loss:

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -200,14 +201,27 @@ class FeatureCache:
               {"object_names": json.dumps(sample.object_names)})
 
 
+def entry_path(cache: FeatureCache, kind: str, record: SceneRecord, index: int) -> Path:
+    """The file of one entry (see :meth:`FeatureCache.missing`)."""
+    return cache.posterior_path(record.surface_paths[index]) if kind == "vae" else cache.view_path(record, index)
+
+
+def entry_owner(path: Path, num_processes: int) -> int:
+    """The process that builds an entry: a stable hash of its file name, the same on every process."""
+    return zlib.crc32(path.name.encode()) % num_processes
+
+
 def build_cache(cache: FeatureCache, records: Sequence[SceneRecord], pipe, preprocessor: ConditionPreprocessor,
                 rank: int = 0, num_processes: int = 1, progress: bool = False) -> int:  # fmt: skip
-    """Builds this process's share (every ``num_processes``-th missing entry) of the cache.
+    """Builds this process's share of the missing entries of the cache.
+
+    Each entry belongs to one process by a hash of its key (:func:`entry_owner`), so the shares
+    do not depend on which entries another process has already written.
 
     Returns:
         Entries written by this process.
     """
-    todo = cache.missing(records)[rank::num_processes]
+    todo = [e for e in cache.missing(records) if entry_owner(entry_path(cache, *e), num_processes) == rank]
     if todo:
         logger.info("cache: building %d entries in %s", len(todo), cache.root)
     iterator = todo
@@ -236,6 +250,14 @@ def prepare_cache(cfg, pipe, accelerator, preprocessor: ConditionPreprocessor, s
                          module_fingerprint(pipe.vae), embed_key)  # fmt: skip
     built = build_cache(cache, records, pipe, preprocessor, accelerator.process_index, accelerator.num_processes,
                         progress=cfg.logging.progress_bar and accelerator.is_main_process)  # fmt: skip
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:  # completeness check: a share that failed to appear is built here
+        left = cache.missing(records)
+        if left:
+            logger.warning("cache: %d entries missing after the parallel build; building them now", len(left))
+            for kind, record, index in left:
+                cache.build_entry(kind, record, index, pipe, preprocessor)
+            built += len(left)
     accelerator.wait_for_everyone()
     logger.info("cache: %s (%d entries built by this process)", cache.root, built)
     return cache

@@ -90,7 +90,8 @@ def generate_preview(pipe, record: SceneRecord, settings: SampleSettings, cfg, s
     latents = pipe(images, masks, [scene] * count, num_inference_steps=v.num_inference_steps,
                    guidance_scale=v.guidance_scale, generator=generator,
                    attention_kwargs={"num_instances": count}, output_type="latent").samples  # fmt: skip
-    fields, grid_sizes, bbox_sizes, bbox_mins, _ = pipe.decode_latents(latents.float(), octree_depth=v.octree_depth)
+    with torch.autocast(torch.device(device).type, enabled=False):  # the VAE decodes in float32, not the outer bf16
+        fields, grid_sizes, bbox_sizes, bbox_mins, _ = pipe.decode_latents(latents.float(), octree_depth=v.octree_depth)
     meshes = [marching_cubes_mesh(f.float().cpu(), grid_sizes[0], bbox_mins[0], bbox_sizes[0]) for f in fields]
     size = v.preview_image_size
     rendered = render_meshes(meshes, size)

@@ -33,9 +33,32 @@ def resolve_mixed_precision(requested: str, cpu: bool) -> str:
     return "no"
 
 
-def weight_dtype_for(mixed_precision: str) -> torch.dtype:
-    """Dtype of the frozen weights: the autocast dtype under mixed precision, else float32."""
+def weight_dtype_for(mixed_precision: str, fsdp: bool = False) -> torch.dtype:
+    """Dtype of the frozen weights: the autocast dtype under mixed precision, else float32.
+
+    Under FSDP every weight stays float32: FSDP1 flattens frozen and LoRA weights of a block into
+    one flat parameter, which needs a single dtype; FSDP's mixed-precision policy (from
+    ``train.mixed_precision``) casts them for compute.
+    """
+    if fsdp:
+        return torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+
+
+def configure_deepspeed(accelerator, cfg: TrainingConfig) -> None:
+    """Fills DeepSpeed's batch settings from the training config (no-op without DeepSpeed).
+
+    ``accelerator.prepare`` gets no dataloader (batches come from our own sampler), so accelerate
+    cannot infer ``train_micro_batch_size_per_gpu`` and refuses to start while it is ``auto``.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+    ds["gradient_accumulation_steps"] = cfg.train.gradient_accumulation_steps
+    ds.pop("train_batch_size", None)  # derived by accelerate from the two above and the process count
 
 
 # ----------------------------------------------------------------------------- model
@@ -73,8 +96,8 @@ def load_base_pipeline(model_cfg, dtype: torch.dtype = torch.float32, device: to
     else:
         from midi.pipelines.pipeline_midi import MIDIPipeline
 
-        pipe = MIDIPipeline.from_pretrained(model_cfg.pretrained_model_name_or_path, torch_dtype=dtype)
-        pipe.vae.to(torch.float32)
+        pipe = MIDIPipeline.from_pretrained(model_cfg.pretrained_model_name_or_path,
+                                            torch_dtype={"vae": torch.float32, "default": dtype})  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     if device is not None:
         pipe.to(device)
@@ -171,6 +194,24 @@ def _check_targets(model: torch.nn.Module, key: str, targets: list[str], rank: i
     return sum(rank * (modules[n].in_features + modules[n].out_features) for n in matched)
 
 
+def scheduler_problems(model_cfg) -> list[str]:
+    """The training objective samples sigmas with the scheduler's fixed ``shift``; dynamic
+    (resolution-dependent) shifting has no fixed sigma schedule to train against."""
+    if model_cfg.pretrained_model_name_or_path == TINY_MODEL:
+        return []
+    from midi.pipelines.loading import resolve_pipeline_folder
+
+    path = resolve_pipeline_folder(model_cfg.pretrained_model_name_or_path) / "scheduler" / "scheduler_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError) as exc:
+        return [f"model.pretrained_model_name_or_path: {path}: unreadable scheduler config ({exc})"]
+    if config.get("use_dynamic_shifting"):
+        return [f"model.pretrained_model_name_or_path: {path} sets use_dynamic_shifting, which training does not "
+                "support (sigmas are drawn with the fixed `shift`); set it to false"]  # fmt: skip
+    return []
+
+
 def check_model_setup(cfg: TrainingConfig) -> list[str]:
     """Problems with LoRA targets, multi-instance blocks, trainable parameters and token budgets.
 
@@ -187,7 +228,7 @@ def check_model_setup(cfg: TrainingConfig) -> list[str]:
         models = _meta_models(cfg.model, wanted)
     except (PipelineLoadError, OSError, ValueError) as exc:
         return [f"model.pretrained_model_name_or_path: cannot read the model configs ({' '.join(str(exc).split())})"]
-    problems: list[str] = []
+    problems: list[str] = scheduler_problems(cfg.model)
     transformer = models["transformer"]
     num_layers = len(transformer.blocks)
     for block in cfg.model.mi_blocks:

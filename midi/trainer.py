@@ -46,7 +46,7 @@ BEST_DIR = "best"
 ADAPTER_SUBDIR = "lora"
 # Keys whose change makes a checkpoint unusable (the adapter's shape or the model it belongs to).
 STRUCTURAL_KEYS = ("model.pretrained_model_name_or_path", "model.tiny_seed", "model.mi_blocks", "lora.rank",
-                   "lora.target_modules", "lora.use_dora", "lora.transformer", "lora.image_encoder_1",
+                   "lora.alpha", "lora.use_rslora", "lora.target_modules", "lora.use_dora", "lora.transformer", "lora.image_encoder_1",
                    "lora.image_encoder_2", "lora.image_encoder_1_target_modules",
                    "lora.image_encoder_2_target_modules")  # fmt: skip
 
@@ -364,15 +364,24 @@ class CheckpointManager:
 
     def load(self, folder: Path) -> TrainerState:
         """Restores a checkpoint written by :meth:`save` (adapter, optimizer, schedule, RNG, counters)."""
+        import yaml
+
         saved = (folder / CONFIG_FILE).read_text(encoding="utf-8") if (folder / CONFIG_FILE).is_file() else None
         if saved is not None:
-            import yaml
-
-            changed = check_resume_config(yaml.safe_load(saved), self.cfg, folder)
+            try:
+                saved_cfg = yaml.safe_load(saved)
+                if not isinstance(saved_cfg, dict) or not all(isinstance(v, dict) for v in saved_cfg.values()):
+                    raise ValueError("not a mapping of config sections")
+            except (yaml.YAMLError, ValueError) as exc:
+                raise TrainingError(f"{folder / CONFIG_FILE}: unreadable checkpoint config ({' '.join(str(exc).split())})") from None
+            changed = check_resume_config(saved_cfg, self.cfg, folder)
             if changed:
                 logger.warning("resuming %s with changed settings: %s", folder.name, "; ".join(changed))
+        try:
+            state = TrainerState.from_dict(json.loads((folder / STATE_FILE).read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            raise TrainingError(f"{folder / STATE_FILE}: unreadable trainer state ({exc})") from None
         self.accelerator.load_state(str(folder))
-        state = TrainerState.from_dict(json.loads((folder / STATE_FILE).read_text()))
         self._state = state
         return state
 

@@ -4,7 +4,7 @@ Convention (upstream-facts 5.3, the sign MIDI's sampler integrates): with data `
 ``eps`` and ``sigma`` in (0, 1]
 
     x_sigma  = (1 - sigma) x0 + sigma eps          (:func:`make_noisy_latents`)
-    timestep = 1000 sigma                            (the DiT's input scale)
+    timestep = T sigma, T = scheduler.config.num_train_timesteps (1000; the DiT's input scale)
     target   = x0 - eps                              (:func:`flow_target`; NOT diffusers' eps - x0)
 
 so the scheduler's Euler step ``x + (sigma_i - sigma_{i+1}) v`` moves towards the data. One sigma
@@ -155,6 +155,15 @@ class TrainBatch:
                 setattr(self, name, value.to(device, non_blocking=True))
         return self
 
+    def pin_memory(self) -> TrainBatch:
+        """Pins every tensor (called by ``DataLoader(pin_memory=True)``'s worker thread; returns self)."""
+        for name in ("surfaces", "posterior", "pixels_1", "pixels_2_instance", "pixels_2_scene", "masks",
+                     "embeds_1", "embeds_2"):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.pin_memory())
+        return self
+
 
 # ----------------------------------------------------------------------------- model wrapper
 class FlowMatchingModel(nn.Module):
@@ -247,7 +256,8 @@ def encode_x0(
     else:
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         vae_dtype = next(vae.parameters()).dtype
-        posterior = vae.encode(batch.surfaces.to(vae_dtype), num_tokens=num_tokens, seed=seed).latent_dist
+        with torch.autocast(batch.surfaces.device.type, enabled=False):  # the VAE runs in its own (fp32) dtype
+            posterior = vae.encode(batch.surfaces.to(vae_dtype), num_tokens=num_tokens, seed=seed).latent_dist
     x0 = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
     return x0.float()
 
@@ -284,7 +294,8 @@ def training_step(
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
     sigma_rows = repeat_per_scene(sigmas, batch.rows_per_scene).to(device)
     x_sigma = make_noisy_latents(x0, noise, sigma_rows)
-    pred = model(x_sigma, NUM_TRAIN_TIMESTEPS * sigma_rows, batch, repeat_per_scene(dropped, batch.rows_per_scene))
+    num_train_timesteps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", NUM_TRAIN_TIMESTEPS)
+    pred = model(x_sigma, num_train_timesteps * sigma_rows, batch, repeat_per_scene(dropped, batch.rows_per_scene))
     weights = compute_loss_weighting(objective.loss_weighting, sigma_rows)
     loss = flow_matching_loss(pred, flow_target(x0, noise), weights)
     return StepOutput(loss, sigmas, dropped, batch.num_rows, batch.num_rows * num_tokens)

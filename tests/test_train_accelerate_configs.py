@@ -50,3 +50,38 @@ def test_fsdp_wrap_class_exists():
     from midi.models.transformers.triposg_transformer import DiTBlock
 
     assert DiTBlock.__name__ == "DiTBlock"
+
+
+def test_deepspeed_gets_the_batch_settings_accelerate_cannot_infer():
+    """prepare() gets no dataloader, so train_micro_batch_size_per_gpu must be filled in (else accelerate refuses)."""
+    from types import SimpleNamespace
+
+    from _train_helpers import TINY_YAML
+
+    from midi.config import load_config
+    from midi.train_setup import configure_deepspeed
+
+    path = next(p for p in CONFIGS if p.name == "deepspeed_zero2.yaml")
+    data = yaml.safe_load(path.read_text())
+    assert data["distributed_type"] == DistributedType.DEEPSPEED.value
+    # What accelerate's DeepSpeedPlugin makes of a config without a config file: batch settings "auto".
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+          "zero_optimization": {"stage": data["deepspeed_config"]["zero_stage"]}}  # fmt: skip
+    acc = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                          state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)))  # fmt: skip
+    cfg = load_config(str(TINY_YAML), ["--train.batch_size", "3", "--train.gradient_accumulation_steps", "2"])
+    configure_deepspeed(acc, cfg)
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
+    assert "train_batch_size" not in ds
+    configure_deepspeed(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, state=None), cfg)  # no-op
+
+
+def test_fsdp_keeps_one_weight_dtype():
+    """FSDP1 flat parameters need one dtype: the frozen base stays float32 (FSDP's policy casts for compute)."""
+    import torch
+
+    from midi.train_setup import weight_dtype_for
+
+    assert weight_dtype_for("bf16") == torch.bfloat16
+    assert weight_dtype_for("bf16", fsdp=True) == torch.float32
+    assert weight_dtype_for("fp16", fsdp=True) == torch.float32

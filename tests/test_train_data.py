@@ -223,3 +223,30 @@ def test_missing_dataset_is_written_only_when_asked(tmp_path):
 
     cfg = tiny_config(tmp_path / "none", tmp_path / "out", "--data.synthetic_if_missing", "0")
     assert not ensure_dataset(cfg.data, 0) and not (tmp_path / "none").exists()
+
+
+def test_cache_shares_cover_everything_whatever_the_timing(data_root, pipe, tmp_path):
+    """Process 1 finishing before process 0 even lists its entries must not leave any unbuilt."""
+    from midi.train_cache import build_cache
+
+    records = open_dataset(data_root, "train")[:3]
+    cache = _cache(pipe, tmp_path / "cache", _settings())
+    pre = ConditionPreprocessor(pipe.feature_extractor_1, pipe.feature_extractor_2)
+    total = len(cache.missing(records))
+    built = build_cache(cache, records, pipe, pre, rank=1, num_processes=2)
+    built += build_cache(cache, records, pipe, pre, rank=0, num_processes=2)
+    assert cache.missing(records) == [] and built == total
+
+
+def test_prepare_cache_completes_what_another_process_left(data_root, pipe, tmp_path):
+    """The main process checks completeness after the barrier and builds whatever is still missing."""
+    from types import SimpleNamespace
+
+    from midi.train_cache import prepare_cache
+
+    cfg = tiny_config(data_root, tmp_path / "out", "--cache.dir", str(tmp_path / "cache"))
+    records = open_dataset(data_root, "train")[:2]
+    acc = SimpleNamespace(process_index=0, num_processes=2, is_main_process=True, wait_for_everyone=lambda: None)
+    pre = ConditionPreprocessor(pipe.feature_extractor_1, pipe.feature_extractor_2)
+    cache = prepare_cache(cfg, pipe, acc, pre, _settings(), 64, records)  # process 1 never ran
+    assert cache.missing(records) == []

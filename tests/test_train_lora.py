@@ -159,6 +159,24 @@ def test_checkpoint_guards(data_root, tmp_path, capsys):
     assert "checkpointing.resume_from_checkpoint" in capsys.readouterr().err
     assert _main(tiny_args(data_root, out, "--resume_from_checkpoint", "latest", "--lora.rank", "4")) == 2
     assert "lora.rank: 16 -> 4" in capsys.readouterr().err
+    assert _main(tiny_args(data_root, out, "--resume_from_checkpoint", "latest", "--lora.alpha", "3")) == 2
+    assert "lora.alpha" in capsys.readouterr().err  # alpha scales the adapter: structural
+    state = out / "checkpoint-2" / "trainer_state.json"
+    state.write_text("{not json")
+    assert _main(tiny_args(data_root, out, "--resume_from_checkpoint", "latest")) == 2
+    assert f"error: {state}: unreadable trainer state" in capsys.readouterr().err
+    config = out / "checkpoint-2" / "config.yaml"
+    config.write_text("train: [unclosed")
+    assert _main(tiny_args(data_root, out, "--resume_from_checkpoint", "latest")) == 2
+    assert f"error: {config}: unreadable checkpoint config" in capsys.readouterr().err
+
+
+def test_an_unusable_output_folder_is_one_error_line(data_root, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert _main(tiny_args(data_root, blocker / "run", max_steps=1)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(blocker) in err and "Traceback" not in err
 
 
 def _nan_step(steps_to_poison: set[int]):
@@ -232,9 +250,24 @@ def test_dry_run_reports_and_writes_nothing(data_root, tmp_path, capsys):
     ("--data.batching", "padded", "--data.num_instances_per_batch", "5"),
     ("--data.bucket_by_instances", "true", "--data.max_tokens_per_batch", "320", "--train.batch_size", "3"),
 ])  # fmt: skip
-def test_batching_modes_train(data_root, tmp_path, extra, capsys):
+def test_batching_modes_train(data_root, tmp_path, extra, capsys, monkeypatch):
+    from midi import training
+
+    real, seen = training.training_step, []
+
+    def recording(model, vae, scheduler, batch, *args, **kwargs):
+        seen.append((list(batch.num_instances), list(batch.rows_per_scene), batch.num_instances_per_batch))
+        return real(model, vae, scheduler, batch, *args, **kwargs)
+
+    monkeypatch.setattr(training, "training_step", recording)
     assert _main(tiny_args(data_root, tmp_path / "run", "--dry_run", *extra)) == 0
     assert "step time" in capsys.readouterr().out
+    assert len(seen) == 2  # the dry run's two optimizer steps trained on real batches
+    for counts, rows, fixed in seen:
+        if "padded" in extra:  # every scene padded (or capped) to exactly 5 rows
+            assert fixed == 5 and rows == [5] * len(counts)
+        else:  # packed: a scene's rows are its instances; <= 3 scenes and <= 320 tokens (5 rows of 64)
+            assert fixed is None and rows == counts and len(counts) <= 3 and sum(rows) * 64 <= 320
 
 
 def test_cache_and_image_encoder_lora(data_root, tmp_path, caplog):
@@ -248,6 +281,10 @@ def test_cache_and_image_encoder_lora(data_root, tmp_path, caplog):
     meta = json.loads((tmp_path / "run" / "lora-final" / "midi_adapter.json").read_text())
     assert meta["export_check"]["compared"] == ["image_encoder_1", "image_encoder_2", "transformer"]
     assert (tmp_path / "run" / "lora-final" / "image_encoder_1" / "adapter_model.safetensors").is_file()
+    for name in ("image_encoder_1", "image_encoder_2"):  # trained: the B matrices (zero at init) moved
+        weights = safetensors.torch.load_file(tmp_path / "run" / "lora-final" / name / "adapter_model.safetensors")
+        b = [v for k, v in weights.items() if "lora_B" in k]
+        assert b and any(float(v.abs().max()) > 0 for v in b), name
 
 
 def test_cache_is_built_once_and_reused(data_root, tmp_path):

@@ -83,7 +83,10 @@ def test_ideal_velocity_gives_zero_training_loss(tiny_pipe):
 
     class Model(torch.nn.Module):
         def forward(self, x_sigma, timestep, batch, drop_rows):
-            return ideal_velocity(x_sigma, x0, timestep / NUM_TRAIN_TIMESTEPS)
+            # Analytically, not via flow_target/ideal_velocity, so a flipped flow_target is caught here:
+            # x = (1 - s) x0 + s eps  =>  x0 - eps = (x0 - x) / s.
+            sigma = (timestep / NUM_TRAIN_TIMESTEPS).view(-1, 1, 1)
+            return (x0 - x_sigma) / sigma
 
     batch = TrainBatch(["a", "b"], [2, 3], [2, 3], posterior=torch.cat([x0, torch.full_like(x0, -30.0)], -1))
     objective = type("O", (), dict(sample_posterior=False, timestep_sampling="logit_normal", logit_mean=0.0,
@@ -133,6 +136,46 @@ def test_one_sigma_per_scene_shared_by_its_instances():
     t = model.seen["timestep"]
     torch.testing.assert_close(t, repeat_per_scene(out.sigmas, batch.rows_per_scene) * NUM_TRAIN_TIMESTEPS)
     assert len(set(t.tolist())) == 3
+
+
+def test_timesteps_follow_the_schedulers_num_train_timesteps():
+    model, batch = _Recorder(), _batch()
+    scheduler = RectifiedFlowScheduler(num_train_timesteps=500)
+    out = training_step(model, None, scheduler, batch, _objective(), 64, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model.seen["timestep"], repeat_per_scene(out.sigmas, batch.rows_per_scene) * 500)
+
+
+def test_the_vae_encodes_outside_the_outer_autocast():
+    from midi.training import encode_x0
+
+    class Vae(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+            self.autocast = None
+
+        def encode(self, x, num_tokens, seed):
+            from midi.models.autoencoders.autoencoder_kl_triposg import DiagonalGaussianDistribution
+
+            self.autocast = torch.is_autocast_enabled("cpu")
+            return type("E", (), {"latent_dist": DiagonalGaussianDistribution(torch.zeros(x.shape[0], num_tokens, 4))})
+
+    vae = Vae()
+    batch = TrainBatch(["a"], [2], [2], surfaces=torch.randn(2, 16, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x0 = encode_x0(vae, batch, 8, False, torch.Generator().manual_seed(0))
+    assert vae.autocast is False and x0.dtype == torch.float32
+
+
+def test_batches_pin_their_tensors_for_the_dataloader(monkeypatch):
+    """DataLoader(pin_memory=True) pins a custom batch only through its pin_memory() method."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: pinned.append(t) or t)  # no CUDA here
+    batch = _batch()
+    out = pin_memory(batch)
+    assert out is batch and len(pinned) == 3  # posterior, embeds_1, embeds_2
 
 
 @pytest.mark.parametrize("prob", [0.0, 0.5, 1.0])
