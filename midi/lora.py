@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from midi.data.atomic import save_safetensors, write_json
 from midi.loaders.custom_adapter import AdapterError, read_adapter_file
 
 DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -70,18 +70,6 @@ def lora_state_dicts(pipe) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
 def export_lora(
     pipe, out_dir: str | os.PathLike, mi_blocks: Sequence[str] | None, extra_metadata: dict[str, Any] | None = None
 ) -> Path:
@@ -107,7 +95,7 @@ def export_lora(
         target.mkdir(exist_ok=True)
         config = getattr(pipe, name).peft_config["default"]
         config.save_pretrained(str(target))
-        _atomic_safetensors(target / "adapter_model.safetensors", state, {"format": "pt"})
+        save_safetensors(target / "adapter_model.safetensors", state, {"format": "pt"})
         configs[name] = _config_to_dict(config)
     pipe.save_custom_adapter(tmp_dir, CUSTOM_ADAPTER_FILE, safe_serialization=True, include_keys=["lora"])
     metadata = {
@@ -118,7 +106,7 @@ def export_lora(
         "base_transformer_config": {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")},
         **(extra_metadata or {}),
     }
-    _atomic_json(tmp_dir / METADATA_FILE, metadata)
+    write_json(tmp_dir / METADATA_FILE, json.loads(json.dumps(metadata, default=str)))
     if out_dir.exists():
         _rmtree(out_dir)
     os.replace(tmp_dir, out_dir)

@@ -32,6 +32,7 @@ import safetensors.torch
 import torch
 
 from midi.data import DataError
+from midi.data.atomic import save_safetensors
 from midi.data.dataset import SceneRecord, subsample_surface
 from midi.train_data import ConditionPreprocessor, SampleSettings, load_view_sample
 
@@ -63,9 +64,7 @@ def _key(*parts: object) -> str:
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    save_safetensors(path, tensors, metadata)
 
 
 class FeatureCache:

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from midi.config import TrainingConfig, config_to_dict, config_to_yaml
+from midi.data.atomic import write_text
 from midi.lora import METADATA_FILE, export_lora, read_lora
 
 logger = logging.getLogger(__name__)
@@ -75,10 +76,8 @@ class TrainerState:
 
 # ----------------------------------------------------------------------------- files
 def atomic_write_text(path: Path, text: str) -> None:
-    """Writes a text file under a temporary name, then renames it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Writes a text file under a temporary name (fsynced), then renames it."""
+    write_text(path, text)
 
 
 def replace_dir(tmp: Path, target: Path) -> None:

@@ -59,6 +59,21 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
         f.write("\n")
 
 
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Writes UTF-8 text, atomically."""
+    with atomic_write(path, "w") as f:
+        f.write(text)
+
+
+def save_safetensors(path: str | os.PathLike[str], tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Writes a safetensors file atomically (tensors are made contiguous)."""
+    from safetensors.torch import save  # lazy: the data tools do not import torch
+
+    payload = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    with atomic_write(path, "wb") as f:
+        f.write(payload)
+
+
 def make_tmp_dir(parent: Path, name: str) -> Path:
     """Creates an empty temporary folder ``<parent>/<name>.tmp-<random>``."""
     parent.mkdir(parents=True, exist_ok=True)

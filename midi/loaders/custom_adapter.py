@@ -21,6 +21,7 @@ import transformers
 from peft import LoraConfig
 from transformers import Dinov2Model
 
+from midi.data.atomic import atomic_write, save_safetensors
 from midi.models.attention_processor import MIAttnProcessor2_0
 
 logger = logging.getLogger(__name__)
@@ -213,12 +214,11 @@ class CustomAdapterMixin:
             raise AdapterError(f"{save_directory} is a file; save_custom_adapter needs a directory")
         save_directory.mkdir(parents=True, exist_ok=True)
         target = save_directory / weight_name
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         if safe_serialization:
-            safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt"})
+            save_safetensors(target, state, {"format": "pt"})
         else:
-            torch.save(state, tmp)
-        os.replace(tmp, target)
+            with atomic_write(target, "wb") as f:
+                torch.save(state, f)
         return target
 
     def load_custom_adapter(
