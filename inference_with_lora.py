@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -57,6 +58,7 @@ from midi.inference import (
 )
 
 logger = logging.getLogger("inference_with_lora")
+TINY_OCTREE_DEPTH = 6  # the tiny model's surfaces are coarse: depth 8 takes minutes and writes ~100 MB
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,6 +96,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--lora_path", type=Path, help="training output folder, its lora-final/, a PEFT adapter "
                                                        "folder or an upstream custom-adapter .safetensors")
     model.add_argument("--lora_scale", type=float, default=1.0, help="LoRA strength (0 = base model)")
+    model.add_argument("--lora_alpha", type=float, default=None,
+                       help="the LoRA's alpha, for adapters that do not record it (upstream custom-adapter files "
+                            "without midi_adapter.json); None = the recorded one, else rank (with a warning)")
+    model.add_argument("--mi_blocks", nargs="+", default=None, metavar="BLOCK",
+                       help="multi-instance attention blocks, e.g. blocks.8 blocks.9; None = the LoRA's recorded "
+                            "blocks, else the model's (release: blocks.8-12, tiny: blocks.3-4)")
     model.add_argument("--merge_lora", action="store_true", help="fold the scaled LoRA into the weights (faster)")
     model.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     model.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
@@ -106,7 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gen.add_argument("--no_progress", action="store_true", help="no progress bars")
 
     ext = p.add_argument_group("surface extraction")
-    ext.add_argument("--octree_depth", type=int, default=8, help="resolution: (2^depth + 1)^3 grid")
+    ext.add_argument("--octree_depth", type=int, default=None,
+                     help=f"resolution: (2^depth + 1)^3 grid; None = 8 (upstream), {TINY_OCTREE_DEPTH} for the tiny model")
     ext.add_argument("--extraction", choices=("dense", "coarse_to_fine"), default="dense",
                      help="dense: every grid point (upstream); coarse_to_fine: only cells near the surface")
     ext.add_argument("--coarse_depth", type=int, default=5, help="coarse_to_fine: first grid depth")
@@ -120,7 +129,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ext.add_argument("--no_smooth", action="store_true", help="skip upstream's 3x3x3 box smoothing")
     ext.add_argument("--vertex_mapping", choices=("upstream", "exact"), default="upstream",
                      help="upstream: index/points (shrinks by 256/257); exact: index/cells")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.octree_depth is None:
+        args.octree_depth = TINY_OCTREE_DEPTH if args.pretrained_model_name_or_path == "tiny" else 8
+    return args
 
 
 def check_args(args: argparse.Namespace) -> list[tuple[str, Path, Path, Path]]:
@@ -143,8 +155,12 @@ def check_args(args: argparse.Namespace) -> list[tuple[str, Path, Path, Path]]:
         raise InputError(f"--c2f_band must be >= 0, got {args.c2f_band}")
     if args.decode_progressive and args.extraction != "dense":
         raise InputError("--decode_progressive needs --extraction dense")
-    if args.lora_path is None and (args.merge_lora or args.lora_scale != 1.0):
-        raise InputError("--merge_lora and --lora_scale need --lora_path")
+    if not math.isfinite(args.lora_scale):
+        raise InputError(f"--lora_scale must be a finite number, got {args.lora_scale}")
+    if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        raise InputError(f"--lora_alpha must be a finite number > 0, got {args.lora_alpha}")
+    if args.lora_path is None and (args.merge_lora or args.lora_scale != 1.0 or args.lora_alpha is not None):
+        raise InputError("--merge_lora, --lora_scale and --lora_alpha need --lora_path")
     if single:
         if None in (args.rgb_image, args.seg_image, args.output):
             raise InputError("single-scene mode needs --rgb_image, --seg_image and --output")
@@ -218,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         loaded = build_pipeline(ModelOptions(args.pretrained_model_name_or_path, args.lora_path, args.lora_scale,
-                                             args.merge_lora, args.device, args.dtype))
+                                             args.merge_lora, args.device, args.dtype, args.lora_alpha, args.mi_blocks))
     except InputError as exc:
         fail(str(exc))
     logger.info("%s", loaded.description)

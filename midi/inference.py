@@ -16,7 +16,8 @@ Stages (each a function here; ``inference_with_lora.py`` only wires them to the 
 4. **Output** (:func:`save_outputs`): one scene file (format from the extension) with one node
    per instance named after its label, optional per-instance files and a preview PNG. The set is
    all-or-nothing: everything is encoded first, written under temporary names, then renamed; on
-   any failure the files of this call are removed and :class:`OutputError` is raised.
+   any failure the files of this call are removed and :class:`OutputError` is raised. Temporary
+   files that a killed run left behind are removed by the next write into the same folder.
 
 Instance order (it decides which noise row each instance gets, so it matters for reproducibility):
 
@@ -61,6 +62,8 @@ DEFAULT_MODEL = "pretrained_weights/MIDI-3D"
 MIDI_MI_BLOCKS = ["blocks.8", "blocks.9", "blocks.10", "blocks.11", "blocks.12"]
 DEFAULT_MAX_INSTANCES = 16
 FRINGE_FRACTION = 0.001  # RGB maps: colours covering less than 0.1 % of the image are fringe
+SOLID_FRACTION = 0.1  # RGB maps: an instance colour with fewer solid pixels than this share is interpolated
+SAVE_AS_PNG = "save the instance map as PNG (lossless, without anti-aliasing or resampling)"
 RGB_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 LABEL_MODES = ("P", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "1")
 DOWNLOAD_HINT = (
@@ -192,6 +195,9 @@ def read_segmentation(path: str | os.PathLike, order: str = "default", min_pixel
         InputError: unreadable file or unsupported image mode.
     """
     image = open_image(path)
+    if image.format in ("JPEG", "MPO"):  # its noise invents colours and grey levels: junk instances
+        raise InputError.at(path, f"{image.format} is lossy, so its colours near every edge read as extra "
+                                  f"instances; {SAVE_AS_PNG}")
     if order == "upstream":
         return _upstream_segmentation(image, path)
     if order != "default":
@@ -224,6 +230,16 @@ def _colour_segmentation(rgb: np.ndarray, threshold: int, path: Path) -> Segment
     fringe = (colours != 0) & ~keep
     lut = np.zeros(len(colours), np.int64)
     lut[keep] = np.arange(1, int(keep.sum()) + 1)  # ascending colour code = ascending (R, G, B)
+    # Colours made by interpolation (JPEG noise re-saved as PNG, anti-aliased or resized maps) are
+    # speckles and edge lines: almost none of their pixels has 4 neighbours of the same colour.
+    padded = np.pad(code, 1, mode="edge")
+    solid = ((code == padded[:-2, 1:-1]) & (code == padded[2:, 1:-1]) & (code == padded[1:-1, :-2])
+             & (code == padded[1:-1, 2:]))  # (H, W)
+    thin = keep & (np.bincount(inverse.ravel()[solid.ravel()], minlength=len(colours)) < SOLID_FRACTION * counts)
+    if thin.any():
+        raise InputError.at(path, f"{int(thin.sum())} of {int(keep.sum())} instance colours (e.g. "
+                                  f"#{int(colours[thin][0]):06x}) have almost no solid area, so the map looks lossy "
+                                  f"or anti-aliased; {SAVE_AS_PNG}")
     labels = lut[inverse].reshape(code.shape)
     instances = [Instance(i + 1, f"{int(c):06x}", int(n)) for i, (c, n) in enumerate(zip(colours[keep], counts[keep]))]
     notes = []
@@ -374,6 +390,8 @@ class ModelOptions:
     merge_lora: bool = False
     device: str = "auto"
     dtype: str = "auto"
+    lora_alpha: float | None = None  # for adapters that do not record it (upstream's custom-adapter files)
+    mi_blocks: list[str] | None = None  # None: the adapter's, else the model's (default_mi_blocks)
 
 
 @dataclass
@@ -418,40 +436,68 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[Any, Any]:
     return dev, {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
-def _load_base(model: str, dtype) -> tuple[Any, list[str]]:
+def _load_base(model: str, dtype, tiny_seed: int) -> Any:
     if model == "tiny":
-        from midi.testing import TINY_MI_BLOCKS, tiny_pipeline
+        from midi.testing import tiny_pipeline
 
-        return tiny_pipeline(0), list(TINY_MI_BLOCKS)
+        return tiny_pipeline(tiny_seed)
     from midi.pipelines.loading import PipelineLoadError
     from midi.pipelines.pipeline_midi import MIDIPipeline
 
     try:
-        return MIDIPipeline.from_pretrained(model, torch_dtype=dtype), list(MIDI_MI_BLOCKS)
+        return MIDIPipeline.from_pretrained(model, torch_dtype=dtype)
     except PipelineLoadError as exc:
         raise InputError(str(exc)) from None
     except OSError as exc:
         raise InputError.at(model, f"cannot load the model ({type(exc).__name__}: {exc})") from None
 
 
-def _install_lora(pipe, path: Path, mi_blocks: list[str]) -> str:
+def default_mi_blocks(config) -> list[str]:
+    """The multi-instance blocks of a base transformer: the release's 8-12 (of 21), the tiny model's.
+
+    Raises:
+        InputError: any other model (its blocks cannot be guessed: ``--mi_blocks`` names them).
+    """
+    from midi.testing import TINY_MI_BLOCKS, TINY_TRANSFORMER
+
+    if config.get("num_layers") == 21:
+        return list(MIDI_MI_BLOCKS)
+    if all(config.get(k) == v for k, v in TINY_TRANSFORMER.items()):
+        return list(TINY_MI_BLOCKS)
+    raise InputError(f"the model's transformer has {config.get('num_layers')} layers; multi-instance blocks are "
+                     "known only for the release (21 layers: blocks 8-12) and the tiny model: pass --mi_blocks")
+
+
+def _read_adapter(path: Path):
     from midi.loaders.custom_adapter import AdapterError
-    from midi.lora import apply_lora, read_lora
+    from midi.lora import read_lora
 
     try:
-        adapter = read_lora(path)
-        for note in adapter.notes:
-            logger.info("LoRA: %s", note)
-        blocks = adapter.mi_blocks or mi_blocks
-        if adapter.mi_blocks and list(adapter.mi_blocks) != mi_blocks:
-            logger.info("LoRA: multi-instance attention on %s (from the adapter's metadata)", adapter.mi_blocks)
-        apply_lora(pipe, adapter, blocks)
+        return read_lora(path)
+    except AdapterError as exc:
+        raise InputError(str(exc)) from None
+
+
+def _install_lora(pipe, adapter, mi_blocks: list[str], alpha: float | None) -> str:
+    from midi.loaders.custom_adapter import AdapterError
+    from midi.lora import apply_lora
+
+    ranks = sorted({c["r"] for c in adapter.lora_configs.values()})
+    if alpha is not None:
+        for config in adapter.lora_configs.values():
+            config["lora_alpha"] = alpha
+    elif not adapter.alpha_known:
+        logger.warning("LoRA %s: no midi_adapter.json, so lora_alpha is unknown; assuming lora_alpha = rank (%s); "
+                       "pass --lora_alpha if it was trained with another alpha", adapter.source,
+                       ", ".join(map(str, ranks)))
+    try:
+        apply_lora(pipe, adapter, mi_blocks)
     except AdapterError as exc:
         raise InputError(str(exc)) from None
     except (ValueError, KeyError, TypeError, OSError) as exc:  # e.g. PEFT refusing a config
-        raise InputError.at(path, f"LoRA does not fit the model ({type(exc).__name__}: {exc})") from None
-    ranks = sorted({c["r"] for c in adapter.lora_configs.values()})
-    return f"LoRA {adapter.source} ({adapter.format}, {', '.join(adapter.lora_configs)}, rank {ranks})"
+        raise InputError.at(adapter.source, f"LoRA does not fit the model ({type(exc).__name__}: {exc})") from None
+    alphas = sorted({c["lora_alpha"] for c in adapter.lora_configs.values()})
+    return f"LoRA {adapter.source} ({adapter.format}, {', '.join(adapter.lora_configs)}, rank {ranks}, alpha {alphas})"
 
 
 def _needs_cast(pipe, dtype) -> bool:
@@ -469,13 +515,22 @@ def build_pipeline(options: ModelOptions) -> LoadedPipeline:
     from midi.lora import merge_lora
 
     device, dtype = resolve_device_dtype(options.device, options.dtype)
-    pipe, mi_blocks = _load_base(options.model, dtype)
-    description = f"model {options.model}"
+    adapter = _read_adapter(Path(options.lora_path)) if options.lora_path is not None else None
+    tiny_seed = adapter.tiny_seed if adapter is not None and adapter.tiny_seed is not None else 0
+    pipe = _load_base(options.model, dtype, tiny_seed)
+    description = f"model {options.model}" + (f" (seed {tiny_seed})" if options.model == "tiny" else "")
+    recorded = adapter.mi_blocks if adapter is not None else None
+    mi_blocks = list(options.mi_blocks or recorded or default_mi_blocks(pipe.transformer.config))
+    if options.mi_blocks and recorded and list(recorded) != mi_blocks:
+        logger.warning("--mi_blocks %s replaces the blocks the LoRA was trained with (%s)", mi_blocks, recorded)
     scale: float | None = None
-    if options.lora_path is None:
-        pipe.init_custom_adapter(set_self_attn_module_names=mi_blocks, exact_module_names=True)
+    if adapter is None:
+        try:
+            pipe.init_custom_adapter(set_self_attn_module_names=mi_blocks, exact_module_names=True)
+        except ValueError as exc:
+            raise InputError(f"--mi_blocks: {exc}") from None
     else:
-        description += ", " + _install_lora(pipe, Path(options.lora_path), mi_blocks)
+        description += ", " + _install_lora(pipe, adapter, mi_blocks, options.lora_alpha)
         scale = options.lora_scale
         if options.merge_lora:
             layers = merge_lora(pipe, options.lora_scale)
@@ -486,6 +541,8 @@ def build_pipeline(options: ModelOptions) -> LoadedPipeline:
     if _needs_cast(pipe, dtype):  # only when needed: diffusers warns on every dtype cast
         pipe.to(dtype=dtype)
     pipe.to(device=device)
+    for model in (pipe.transformer, pipe.vae, pipe.image_encoder_1, pipe.image_encoder_2):
+        model.eval()  # PEFT adds its LoRA modules (dropout included) in training mode
     return LoadedPipeline(pipe, scale, description + f", {device} {str(dtype).removeprefix('torch.')}")
 
 
@@ -611,6 +668,7 @@ def write_all_or_nothing(files: Sequence[tuple[Path, bytes]]) -> None:
     Raises:
         OSError: the first write or rename that failed, with ``filename`` the final path.
     """
+    remove_stale_temps({path.parent for path, _ in files})
     temps = [path.with_name(f".{path.name}.tmp-{os.getpid()}") for path, _ in files]
     renamed: list[Path] = []
     current = None
@@ -630,6 +688,23 @@ def write_all_or_nothing(files: Sequence[tuple[Path, bytes]]) -> None:
         if isinstance(exc, OSError):
             raise OSError(exc.errno, exc.strerror or str(exc), str(current)) from exc
         raise
+
+
+def remove_stale_temps(folders) -> None:
+    """Removes the ``.<name>.tmp-<pid>`` files that a killed run (pid no longer alive) left in ``folders``.
+
+    A kill between the renames of :func:`write_all_or_nothing` leaves the set partial: each removed
+    file is named in a warning, with the output it stood for (rerun that scene).
+    """
+    import psutil
+
+    for folder in folders:
+        for tmp in folder.glob(".*.tmp-*") if folder.is_dir() else ():
+            match = re.fullmatch(r"\.(.+)\.tmp-(\d+)", tmp.name)
+            if match and tmp.is_file() and not psutil.pid_exists(int(match[2])):
+                tmp.unlink(missing_ok=True)
+                logger.warning("%s: removed a temporary file of an interrupted run (pid %s); %s may be missing or "
+                               "incomplete: rerun that scene", tmp, match[2], folder / match[1])
 
 
 def instance_colours(count: int) -> np.ndarray:

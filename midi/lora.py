@@ -2,12 +2,16 @@
 
 An exported adapter folder (``lora-final/`` or ``checkpoint-N/lora/``) holds:
 
-- ``adapter_config.json`` + ``adapter_model.safetensors``: the transformer's PEFT adapter
-  (standard PEFT layout; image-encoder adapters, when trained, in ``image_encoder_1/`` and
-  ``image_encoder_2/`` sub-folders of the same layout);
+- ``adapter_config.json`` + ``adapter_model.safetensors``: the transformer's PEFT adapter, as
+  ``PeftModel.save_pretrained`` writes it (keys ``base_model.model.<module>.lora_A.weight``), so
+  ``PeftModel.from_pretrained(transformer, folder)`` loads it, and so does diffusers'
+  ``transformer.load_lora_adapter(folder, weight_name="adapter_model.safetensors",
+  prefix="base_model.model")`` (its LoraConfig is in the file's ``lora_adapter_metadata``);
+  image-encoder adapters, when trained, in ``image_encoder_1/`` and ``image_encoder_2/``
+  sub-folders of the same layout. Older files without the prefix are read too;
 - ``custom_adapter.safetensors``: everything in upstream MIDI's ``save_custom_adapter`` format;
 - ``midi_adapter.json``: what inference needs to rebuild the model (multi-instance blocks, the
-  LoRA configs, the base transformer's config) and the export check's result.
+  LoRA configs, the base transformer's config, the tiny model's seed) and the export check's result.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,7 @@ DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 ADAPTER_MODELS = ("transformer", "image_encoder_1", "image_encoder_2")
 METADATA_FILE = "midi_adapter.json"
 CUSTOM_ADAPTER_FILE = "custom_adapter.safetensors"
+PEFT_PREFIX = "base_model.model."  # PeftModel's key prefix for the wrapped model's modules
 
 
 def lora_config_dict(
@@ -95,8 +100,12 @@ def export_lora(
         target.mkdir(exist_ok=True)
         config = getattr(pipe, name).peft_config["default"]
         config.save_pretrained(str(target))
-        save_safetensors(target / "adapter_model.safetensors", state, {"format": "pt"})
         configs[name] = _config_to_dict(config)
+        # diffusers filters both the keys and this metadata by its ``prefix`` argument; without the
+        # metadata it would assume lora_alpha = rank.
+        diffusers_config = json.dumps({PEFT_PREFIX + k: v for k, v in configs[name].items()})
+        save_safetensors(target / "adapter_model.safetensors", {PEFT_PREFIX + k: v for k, v in state.items()},
+                         {"format": "pt", "lora_adapter_metadata": diffusers_config})
     pipe.save_custom_adapter(tmp_dir, CUSTOM_ADAPTER_FILE, safe_serialization=True, include_keys=["lora"])
     metadata = {
         "format": "midi-lora",
@@ -104,6 +113,7 @@ def export_lora(
         "mi_blocks": list(mi_blocks) if mi_blocks is not None else None,
         "lora_configs": configs,
         "base_transformer_config": {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")},
+        "tiny_seed": getattr(pipe, "tiny_seed", None),  # set by midi.testing.tiny_pipeline only
         **(extra_metadata or {}),
     }
     write_json(tmp_dir / METADATA_FILE, json.loads(json.dumps(metadata, default=str)))
@@ -150,7 +160,8 @@ class LoadedAdapter:
     weights: dict[str, dict[str, torch.Tensor]]  # per model, PEFT keys without adapter name
     mi_blocks: list[str] | None = None
     base_transformer_config: dict[str, Any] | None = None
-    notes: list[str] = field(default_factory=list)
+    alpha_known: bool = True  # False: no metadata, lora_alpha was set = rank (see _infer_config_from_keys)
+    tiny_seed: int | None = None  # the seed of the tiny model it was trained on
 
 
 def find_adapter_dir(path: Path) -> Path:
@@ -205,11 +216,19 @@ def read_lora(path: str | os.PathLike) -> LoadedAdapter:
             except Exception as exc:  # peft raises several types for a corrupt adapter_config.json
                 raise AdapterError(f"{sub / 'adapter_config.json'}: unreadable PEFT adapter config ({exc})") from None
             configs[name] = _config_to_dict(config)
-            weights[name] = read_adapter_file(sub / "adapter_model.safetensors")
-        return LoadedAdapter(folder, "midi-lora" if metadata else "peft", configs, weights,
-                             mi_blocks=(metadata or {}).get("mi_blocks"),
-                             base_transformer_config=(metadata or {}).get("base_transformer_config"))
+            weights[name] = {k.removeprefix(PEFT_PREFIX): v
+                             for k, v in read_adapter_file(sub / "adapter_model.safetensors").items()}
+        return LoadedAdapter(folder, "midi-lora" if metadata else "peft", configs, weights, **_from_metadata(metadata))
     return _read_custom_adapter(folder / CUSTOM_ADAPTER_FILE, folder / METADATA_FILE)
+
+
+def _from_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """The :class:`LoadedAdapter` fields that ``midi_adapter.json`` supplies."""
+    metadata = metadata or {}
+    model_cfg = ((metadata.get("training") or {}).get("config") or {}).get("model") or {}
+    tiny_seed = metadata.get("tiny_seed", model_cfg.get("tiny_seed"))  # older exports: the training config's
+    return dict(mi_blocks=metadata.get("mi_blocks"), base_transformer_config=metadata.get("base_transformer_config"),
+                tiny_seed=tiny_seed)
 
 
 def _read_custom_adapter(file: Path, metadata_file: Path) -> LoadedAdapter:
@@ -222,15 +241,9 @@ def _read_custom_adapter(file: Path, metadata_file: Path) -> LoadedAdapter:
             weights[name] = _strip_adapter_name(part)
     if not weights:
         raise AdapterError(f"{file}: no LoRA weights (keys containing 'lora' with a transformer./image_encoder_N. prefix)")
-    notes = []
-    if metadata and "lora_configs" in metadata:
-        configs = metadata["lora_configs"]
-    else:
-        configs = {name: _infer_config_from_keys(w) for name, w in weights.items()}
-        notes.append(f"{file.name} has no {METADATA_FILE}: rank inferred from the weights, lora_alpha assumed = rank")
-    return LoadedAdapter(file, "custom-adapter", configs, weights,
-                         mi_blocks=(metadata or {}).get("mi_blocks"),
-                         base_transformer_config=(metadata or {}).get("base_transformer_config"), notes=notes)
+    known = bool(metadata and "lora_configs" in metadata)
+    configs = metadata["lora_configs"] if known else {name: _infer_config_from_keys(w) for name, w in weights.items()}
+    return LoadedAdapter(file, "custom-adapter", configs, weights, alpha_known=known, **_from_metadata(metadata))
 
 
 def check_base_model(adapter: LoadedAdapter, transformer) -> None:

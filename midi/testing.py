@@ -3,10 +3,18 @@
 Same architecture as the released model, at toy sizes: DiT 5 layers x width 64 (so 64 latent
 tokens of 8 channels, long skips in blocks 3 and 4), VAE widths 32/48, CLIP and 7-channel DINOv2
 of width 32 at 32 px. Weights are the modules' own init plus seeded Gaussian noise, so that
-norms and biases are not trivially 1/0.
+norms and biases are not trivially 1/0. ``python -m midi.testing save DIR [--seed S]`` writes it
+as a pipeline folder in the released layout (for interop tests and users).
 """
 
 from __future__ import annotations
+
+import argparse
+import errno
+import os
+import shutil
+import sys
+from pathlib import Path
 
 import torch
 import transformers
@@ -69,4 +77,45 @@ def tiny_pipeline(seed: int = 0, noise_std: float = 0.05) -> MIDIPipeline:
                                           image_std=[0.229, 0.224, 0.225]),
     )
     pipe.set_progress_bar_config(disable=True)
+    pipe.tiny_seed = seed  # recorded by midi.lora.export_lora, so inference rebuilds the same weights
     return pipe
+
+
+def save_tiny_pipeline(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Writes the tiny pipeline in the released folder layout (``MIDIPipeline.from_pretrained`` loads it).
+
+    Raises:
+        FileExistsError: ``folder`` exists and is not empty (it is never overwritten).
+    """
+    from midi.data.atomic import commit_dir, make_tmp_dir
+
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise FileExistsError(errno.EEXIST, "exists and is not empty; choose a new folder", str(folder))
+    tmp = make_tmp_dir(folder.parent, folder.name)  # renamed when complete: never a half-written pipeline
+    try:
+        tiny_pipeline(seed).save_pretrained(tmp)
+        commit_dir(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m midi.testing save DIR [--seed S]``: the tiny pipeline as a pipeline folder."""
+    parser = argparse.ArgumentParser(prog="python -m midi.testing", description=main.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    save = commands.add_parser("save", help="write the tiny pipeline to DIR in the released layout")
+    save.add_argument("folder", type=Path, metavar="DIR")
+    save.add_argument("--seed", type=int, default=0, help="seed of its random weights (as model.tiny_seed)")
+    args = parser.parse_args(argv)
+    try:
+        print(save_tiny_pipeline(args.folder, args.seed))
+    except OSError as exc:
+        print(f"error: {exc.filename or args.folder}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

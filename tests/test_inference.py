@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -203,3 +204,56 @@ def test_find_pairs(tmp_path):
 def test_one_line():
     assert one_line("a\n\nb  c") == "a b c"
     assert len(one_line("x" * 1000)) == 400
+
+
+def three_instance_map() -> np.ndarray:
+    colours = np.zeros((96, 96, 3), np.uint8)
+    colours[10:50, 10:40], colours[20:80, 50:90], colours[60:90, 5:45] = (255, 0, 0), (0, 200, 0), (30, 60, 255)
+    return colours
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "jpeg-grey", "jpeg-as-png", "anti-aliased"])
+def test_lossy_instance_map_says_save_as_png(tmp_path, kind):
+    """JPEG noise and interpolated edges invent colours that would count as extra instances."""
+    image = Image.fromarray(three_instance_map())
+    seg = tmp_path / ("seg.jpg" if kind.startswith("jpeg-g") or kind == "jpeg" else "seg.png")
+    if kind == "jpeg-grey":
+        image.convert("L").save(seg, quality=90)
+    elif kind == "jpeg":
+        image.save(seg, quality=90)
+    elif kind == "jpeg-as-png":
+        image.save(tmp_path / "seg.jpg", quality=90)
+        Image.open(tmp_path / "seg.jpg").save(seg)
+    else:
+        image.resize((64, 64), Image.Resampling.BILINEAR).save(seg)
+    Image.new("RGB", Image.open(seg).size, "white").save(rgb := tmp_path / "rgb.png")
+    with pytest.raises(InputError, match="save the instance map as PNG") as info:
+        prepare_scene(rgb, seg, InputOptions())
+    assert str(info.value).startswith(f"{seg}: ") and "\n" not in str(info.value)
+    Image.fromarray(three_instance_map()).save(clean := tmp_path / "clean.png")  # the same map, lossless
+    assert len(read_segmentation(clean).instances) == 3
+
+
+def test_shared_maps_are_not_taken_for_lossy():
+    for seg in sorted(SCENES.glob("*_seg.png")):
+        assert read_segmentation(seg).instances
+
+
+def test_stale_temp_files_of_a_killed_run_are_removed(tmp_path, caplog):
+    """A kill between the renames leaves .<name>.tmp-<pid> files; the next write removes those of dead pids."""
+    import subprocess
+    import sys
+
+    from midi.inference import write_all_or_nothing
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    (tmp_path / "room_instance_1.glb").write_bytes(b"new")  # renamed before the kill
+    (stale := tmp_path / f".room.glb.tmp-{dead_pid}").write_bytes(b"half")
+    (alive := tmp_path / f".other.glb.tmp-{os.getppid()}").write_bytes(b"someone else, still running")
+    (unrelated := tmp_path / ".notes.tmp-x").write_bytes(b"not ours")
+    with caplog.at_level(logging.WARNING, logger="midi"):
+        write_all_or_nothing([(tmp_path / "next.glb", b"scene")])
+    assert not stale.exists() and alive.exists() and unrelated.exists()
+    assert (tmp_path / "next.glb").read_bytes() == b"scene"
+    assert any(stale.name in r.getMessage() and "interrupted" in r.getMessage() for r in caplog.records)

@@ -349,6 +349,9 @@ BAD_INPUTS = {
     "unreadable": (lambda t: pair("kitchen")[:3] + [str(t / "junk.png")], "junk.png: cannot read image"),
     "lora missing": (lambda t: pair("kitchen") + ["--lora_path", str(t / "nope")], "nope: LoRA path does not exist"),
     "bad format": (lambda t: pair("kitchen") + ["--output", str(t / "scene.fbx")], "unsupported output format .fbx"),
+    "lora scale nan": (lambda t: pair("kitchen") + ["--lora_scale", "nan"], "--lora_scale must be a finite number, got nan"),
+    "lora scale inf": (lambda t: pair("kitchen") + ["--lora_scale", "inf"], "--lora_scale must be a finite number, got inf"),
+    "lora alpha nan": (lambda t: pair("kitchen") + ["--lora_alpha", "nan"], "--lora_alpha must be a finite number > 0"),
 }
 
 
@@ -404,3 +407,92 @@ def test_cuda_request_without_cuda_is_an_input_error(tmp_path, kitchen, capsys):
     assert info.value.code == 2
     assert "CUDA is not available" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- hardening (issue 9)
+def transformer_out(pipe) -> torch.Tensor:
+    """The export check's forward: its fixed batch through the transformer."""
+    from midi.trainer import _check_inputs, _model_outputs
+
+    return _model_outputs(pipe, _check_inputs(pipe, torch.device("cpu"), torch.float32))["transformer"]
+
+
+def trained_pipe(seed: int = 0, **lora):
+    """A tiny pipeline with a random (non-zero) transformer LoRA, as training leaves it."""
+    pipe = tiny_pipeline(seed)
+    torch.manual_seed(1)
+    pipe.init_custom_adapter(set_self_attn_module_names=TINY_MI_BLOCKS, exact_module_names=True,
+                             transformer_lora_config=lora_config_dict(**{"rank": 4, "alpha": 4, **lora},
+                                                                      init_lora_weights=False))
+    return pipe
+
+
+def mi_blocks_of(pipe) -> list[str]:
+    return sorted(n.rsplit(".attn", 1)[0] for n, p in pipe.transformer.attn_processors.items() if p.use_mi)
+
+
+def test_inference_build_runs_in_eval_mode(tmp_path):
+    """LoRA dropout must be off: identical forwards agree, and agree with the export check's reference."""
+    trained = trained_pipe(dropout=0.5)
+    pipe = build_pipeline(ModelOptions("tiny", lora_path=export_lora(trained, tmp_path / "lora", TINY_MI_BLOCKS))).pipe
+    first = transformer_out(pipe)
+    assert torch.equal(first, transformer_out(pipe))
+    torch.testing.assert_close(first, transformer_out(trained.transformer.eval() and trained), rtol=0, atol=1e-6)
+    assert not any(m.training for name in ("transformer", "vae", "image_encoder_1", "image_encoder_2")
+                   for m in getattr(pipe, name).modules())
+
+
+def test_upstream_custom_adapter_without_metadata(tmp_path, caplog):
+    """r=8/alpha=16 saved by save_custom_adapter (no midi_adapter.json): --lora_alpha restores it, else one warning."""
+    trained = trained_pipe(rank=8, alpha=16)
+    file = trained.save_custom_adapter(tmp_path / "upstream", "custom_adapter.safetensors")
+    want = transformer_out(trained.transformer.eval() and trained)
+    with caplog.at_level(logging.WARNING):
+        given = transformer_out(build_pipeline(ModelOptions("tiny", lora_path=file, lora_alpha=16)).pipe)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    torch.testing.assert_close(given, want, rtol=0, atol=1e-6)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assumed = transformer_out(build_pipeline(ModelOptions("tiny", lora_path=file)).pipe)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "lora_alpha = rank (8)" in warnings[0] and "--lora_alpha" in warnings[0]
+    assert (assumed - want).abs().max() > 1e-4
+
+
+def test_mi_blocks_follow_the_model_or_the_flag(tmp_path, lora_dir):
+    from midi import testing
+    from midi.inference import default_mi_blocks
+
+    testing.main(["save", str(tmp_path / "tiny")])
+    assert mi_blocks_of(build_pipeline(ModelOptions(str(tmp_path / "tiny"))).pipe) == TINY_MI_BLOCKS  # was 8-12
+    assert mi_blocks_of(build_pipeline(ModelOptions("tiny", mi_blocks=["blocks.1"])).pipe) == ["blocks.1"]
+    flagged = build_pipeline(ModelOptions("tiny", lora_path=lora_dir, mi_blocks=["blocks.0", "blocks.2"])).pipe
+    assert mi_blocks_of(flagged) == ["blocks.0", "blocks.2"]
+    assert default_mi_blocks({"num_layers": 21, "width": 2048}) == [f"blocks.{i}" for i in range(8, 13)]
+    with pytest.raises(InputError, match="7 layers.*--mi_blocks"):
+        default_mi_blocks({"num_layers": 7, "width": 64})
+    with pytest.raises(InputError, match="blocks.9"):
+        build_pipeline(ModelOptions("tiny", mi_blocks=["blocks.9"]))
+
+
+def test_tiny_seed_is_recorded_and_honoured(tmp_path):
+    trained = trained_pipe(seed=3)
+    path = export_lora(trained, tmp_path / "lora", TINY_MI_BLOCKS)
+    assert json.loads((path / "midi_adapter.json").read_text())["tiny_seed"] == 3
+    loaded = build_pipeline(ModelOptions("tiny", lora_path=path))
+    assert "seed 3" in loaded.description
+    torch.testing.assert_close(transformer_out(loaded.pipe), transformer_out(trained.transformer.eval() and trained),
+                               rtol=0, atol=1e-6)
+    reference = tiny_pipeline(3)
+    for name in ("vae", "image_encoder_1", "image_encoder_2"):  # every base model is seed 3's
+        theirs = getattr(reference, name).state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in getattr(loaded.pipe, name).state_dict().items())
+
+
+def test_octree_depth_default_follows_the_model(kitchen):
+    args = cli.parse_args(kitchen + ["--output", "x.glb", "--pretrained_model_name_or_path", "tiny"])
+    assert cli.generation_options(args).extraction.octree_depth == 6
+    args = cli.parse_args(kitchen + ["--output", "x.glb", "--pretrained_model_name_or_path", "some/folder"])
+    assert cli.generation_options(args).extraction.octree_depth == 8
+    args = cli.parse_args(kitchen + ["--output", "x.glb", "--pretrained_model_name_or_path", "tiny", "--octree_depth", "5"])
+    assert cli.generation_options(args).extraction.octree_depth == 5

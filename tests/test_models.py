@@ -411,3 +411,66 @@ def test_read_lora_errors_are_one_line(tmp_path):
     (adapter / "midi_adapter.json").write_text("{not json")
     with pytest.raises(AdapterError, match="midi_adapter.json: unreadable adapter metadata"):
         read_lora(adapter)
+
+
+# ----------------------------------------------------------------------------- interop
+def _fixed_forward(transformer) -> torch.Tensor:
+    """The tiny transformer on a fixed batch of one 2-instance scene: (2, 64, 8)."""
+    g = torch.Generator().manual_seed(5)
+    x, e1, e2 = torch.randn(2, 64, 8, generator=g), torch.randn(2, 1, 16, generator=g), torch.randn(2, 5, 32, generator=g)
+    with torch.no_grad():
+        return transformer(x, torch.full((2,), 500.0), encoder_hidden_states=e1, encoder_hidden_states_2=e2,
+                           attention_kwargs={"num_instances": [2]}, return_dict=False)[0]
+
+
+def test_tiny_pipeline_saved_in_release_layout_loads_back(tmp_path):
+    from PIL import Image
+
+    from midi import MIDIPipeline, testing
+    from midi.pipelines.loading import COMPONENTS
+
+    testing.main(["save", str(tmp_path / "tiny"), "--seed", "2"])
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == sorted([*COMPONENTS, "model_index.json"])
+    pipes = [MIDIPipeline.from_pretrained(tmp_path / "tiny"), testing.tiny_pipeline(2)]
+    img = [Image.new("RGB", (40, 40), c) for c in ("red", "green")]
+    masks = [Image.new("L", (40, 40), 255)] * 2
+    out = []
+    for pipe in pipes:
+        pipe.init_custom_adapter(testing.TINY_MI_BLOCKS, exact_module_names=True)
+        pipe.set_progress_bar_config(disable=True)
+        out.append(pipe(image=img, mask=masks, image_scene=img, num_inference_steps=2, output_type="latent",
+                        generator=torch.Generator().manual_seed(0)).samples)
+    assert torch.equal(out[0], out[1])
+    assert not torch.equal(pipes[1].transformer.proj_in.weight, testing.tiny_pipeline(0).transformer.proj_in.weight)
+
+
+def test_exported_adapter_loads_with_peft_and_diffusers_own_loaders(tmp_path):
+    """PEFT's PeftModel.from_pretrained and diffusers' load_lora_adapter change the output exactly as ours."""
+    from peft import PeftModel
+
+    from midi.inference import ModelOptions, build_pipeline
+    from midi.lora import export_lora, lora_config_dict, read_lora
+    from midi.testing import TINY_MI_BLOCKS, tiny_pipeline
+
+    def fresh_transformer():
+        pipe = tiny_pipeline(0)
+        pipe.init_custom_adapter(TINY_MI_BLOCKS, exact_module_names=True)
+        return pipe.transformer
+
+    trained = tiny_pipeline(0)
+    torch.manual_seed(1)
+    config = lora_config_dict(rank=4, alpha=8, init_lora_weights=False)  # alpha != rank: the scaling must travel
+    trained.init_custom_adapter(TINY_MI_BLOCKS, transformer_lora_config=config, exact_module_names=True)
+    folder = export_lora(trained, tmp_path / "lora", TINY_MI_BLOCKS)
+    ours = _fixed_forward(build_pipeline(ModelOptions("tiny", lora_path=folder)).pipe.transformer)
+    assert (ours - _fixed_forward(fresh_transformer())).abs().max() > 1e-3
+    peft_model = PeftModel.from_pretrained(fresh_transformer(), str(folder)).eval()
+    torch.testing.assert_close(_fixed_forward(peft_model), ours, rtol=0, atol=1e-6)
+    transformer = fresh_transformer()
+    transformer.load_lora_adapter(str(folder), weight_name="adapter_model.safetensors", prefix="base_model.model")
+    torch.testing.assert_close(_fixed_forward(transformer.eval()), ours, rtol=0, atol=1e-6)
+    # Our reader reads both the PEFT keys and the older unprefixed files.
+    state = load_file(folder / "adapter_model.safetensors")
+    assert all(k.startswith("base_model.model.") for k in state)
+    save_file({k.removeprefix("base_model.model."): v for k, v in state.items()}, folder / "adapter_model.safetensors")
+    assert set(read_lora(folder).weights["transformer"]) == {k.removeprefix("base_model.model.") for k in state}
