@@ -20,6 +20,7 @@ Inputs (--input_dir): a folder per scene with one mesh file per object (OBJ, GLB
 OFF; scene-graph transforms applied, all objects in one frame), optionally with scene images and id
 maps (X.png + X_ids.png or X_seg.png, X_rgb.png + X_seg.png) and an optional instances.json
 naming the mesh of each id (a list of file names, id k+1 = entry k, or {"1": "chair.obj", ...});
+textures (files a mesh or an .mtl refers to, e.g. material_0.png) are never taken for scene images;
 mesh files at the top level are scene files whose nodes are the instances (--single_object: one
 object each, normalised alone); a 3D-Front (MIDI) root is converted room by room.
 
@@ -31,7 +32,11 @@ white background; splits by a seeded hash of the scene id with --val_fraction 0.
 val scene when there are two or more) and --test_fraction 0.0; all cores.
 
 Re-running skips finished scenes (and keeps their splits); bad scenes are skipped with a one-line
-reason; a full disk stops the run.
+reason; objects left out (hidden in every view, in no id map) and meshes repaired (faces with NaN
+vertices removed) are warnings in the summary and in --check; a full disk stops the run. A run holds
+<output_dir>/.prepare.lock (its pid): a second run into the same folder is refused while it lives,
+and its workers exit if it is killed. Names in manifests, instances.json and 3D-Front lists must
+stay inside their folder.
 Exit codes: 0 clean; 1 some scene was skipped (or --check found errors); 2 usage error, or
 --strict and a scene failed (or --check --strict found warnings).
 """

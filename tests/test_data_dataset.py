@@ -170,3 +170,63 @@ def test_front3d_txt_lists(dataset, tmp_path):
     (root / "midi_furniture_ids.txt").write_text("".join(", ".join(n) + "\n" for _, n in rooms))
     records = open_dataset(root)
     assert [list(r.object_names) for r in records] == [n for _, n in rooms]
+
+
+def test_reader_rejects_more_labels_than_objects_like_check(dataset, tmp_path):
+    from midi.data.check import check_dataset
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    record = open_dataset(copy)[0]
+    labels = read_label_map(record.views[0][1]).astype(np.uint16)
+    labels[:3, :] = np.arange(labels.shape[1] * 3).reshape(3, -1) % 300 + 1  # labels up to 300
+    Image.fromarray(labels).save(record.views[0][1])
+    with pytest.raises(DataError, match=r"view_00_ids.png: labels \[.*\] but the scene has") as info:
+        load_scene_sample(record, 0, 64, np.random.default_rng(0))
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
+    from midi.train_data import SampleSettings, load_view_sample  # the VAE-cache path of training
+
+    with pytest.raises(DataError) as cached:
+        load_view_sample(record, 0, SampleSettings(64, 48, (1.0, 1.0, 1.0), 0.001, 16))
+    assert str(cached.value) == str(info.value)
+    found = [p.detail for p in check_dataset(copy, write=False).problems if p.kind == "extra_label"]
+    assert found == [str(info.value)]
+
+
+def _escape_manifest(root, key: str) -> None:
+    manifest = json.loads((root / "manifest.json").read_text())
+    entry = manifest["scenes"][0]
+    entry[key] = "../../../../outside/secret" if key == "id" else ["../../../../outside/secret"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("key", ["objects", "views", "id"])
+def test_manifest_names_must_stay_inside_the_root(dataset, tmp_path, key):
+    from midi.data.check import check_dataset
+
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy)
+    (tmp_path / "outside").mkdir()
+    save_surface(tmp_path / "outside" / "secret.npy", np.ones((600, 3)) * 0.5, np.ones((600, 3)) / 3**0.5)
+    _escape_manifest(copy, key)
+    pattern = r"manifest.json: .*outside/secret.* (leaves|outside)"
+    with pytest.raises(DataError, match=pattern):
+        open_dataset(copy)
+    with pytest.raises(DataError, match=pattern):
+        check_dataset(copy, write=False)
+
+
+@pytest.mark.parametrize("which", ["room", "object"])
+def test_front3d_lists_must_stay_inside_the_root(dataset, tmp_path, which):
+    rooms = front3d_from_prepared(dataset, tmp_path / "front")
+    root = tmp_path / "front"
+    if which == "room":
+        rooms[0] = ("../../outside", rooms[0][1])
+        (root / "midi_room_ids.json").write_text(json.dumps([r for r, _ in rooms]))
+        listing = "midi_room_ids.json"
+    else:
+        rooms[0][1][0] = "../../../../outside/secret"
+        (root / "midi_furniture_ids.json").write_text(json.dumps([n for _, n in rooms]))
+        listing = "midi_furniture_ids.json"
+    with pytest.raises(DataError, match=rf"{listing}: .*outside.* (leaves|outside)"):
+        open_dataset(root)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _data_helpers import MESHES, SCENES, front3d_from_prepared, write_boxes
+from _data_helpers import MESHES, SCENES, box_at, front3d_from_prepared, write_boxes
 from PIL import Image
 
 from midi.data import prepare as prepare_module
@@ -418,3 +418,124 @@ def test_atomic_write_fsyncs_before_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
     atomic.write_json(tmp_path / "a.json", {"x": 1})
     assert synced and json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
+
+
+def test_textures_next_to_meshes_are_not_scene_images(tmp_path):
+    import trimesh
+
+    scene = tmp_path / "in" / "textured"
+    scene.mkdir(parents=True)
+    box = box_at((0, 0, 0))
+    texture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8))
+    box.visual = trimesh.visual.TextureVisuals(uv=box.vertices[:, :2] + 0.5, image=texture)
+    box.export(scene / "crate.obj")  # trimesh's exporter writes crate.obj, material.mtl, material_0.png
+    box_at((2, 0, 0)).export(scene / "plain.obj")
+    (scene / "textures").mkdir()
+    texture.save(scene / "textures" / "wood.png")
+    (scene / "extra.mtl").write_text("newmtl wood\nmap_Kd albedo.jpg\n")
+    texture.save(scene / "albedo.jpg")
+    assert (scene / "material_0.png").is_file() and (scene / "material.mtl").is_file()
+    report = prepare_dataset(tmp_path / "in", tmp_path / "out", OPTIONS, workers=1)
+    assert report.written == ["textured"], report.skipped
+    record = json.loads((tmp_path / "out" / "scenes" / "textured" / "scene.json").read_text())
+    assert [v["rendered"] for v in record["views"]] == [True]
+    assert [o["name"] for o in record["objects"]] == ["crate", "plain"]
+
+
+NAN_OBJ = """v 3 0 0\nv 4 0 0\nv 3 1 0\nv 3 0 1\nv nan 0 0
+f 1 2 3\nf 1 2 4\nf 1 3 5\nf 2 5 4\n"""
+
+
+def test_dropped_objects_and_nan_faces_are_warnings(tmp_path):
+    from midi.data.check import check_dataset
+
+    scene = tmp_path / "in" / "hidden"
+    write_boxes(scene, {"outer": (0, 0, 0)})
+    box_at((0, 0, 0), (0.2, 0.2, 0.2)).export(scene / "inner.obj")  # inside outer: never visible
+    (scene / "broken.obj").write_text(NAN_OBJ)
+    report = prepare_dataset(tmp_path / "in", tmp_path / "out", OPTIONS, workers=1)
+    assert report.written == ["hidden"]
+    details = {w["object"]: w["detail"] for w in report.warnings}
+    assert "not visible" in details["inner"] and "2 face(s) with NaN/inf" in details["broken"]
+    summary = report.summary()
+    assert "2 warning(s)" in summary and "hidden/inner" in summary and "hidden/broken" in summary
+    record = json.loads((tmp_path / "out" / "scenes" / "hidden" / "scene.json").read_text())
+    assert next(o for o in record["objects"] if o["name"] == "broken")["num_faces"] == 2
+    check = check_dataset(tmp_path / "out", write=False)
+    kinds = {(p.kind, p.severity) for p in check.problems}
+    assert kinds == {("dropped_object", "warning"), ("repaired_mesh", "warning")}
+    warned = " ".join(p.detail for p in check.warnings)
+    assert "inner" in warned and "broken" in warned
+    assert " 0 clean" in check.summary()
+
+
+def test_instances_json_names_must_stay_in_the_folder(tmp_path):
+    write_boxes(tmp_path / "in" / "scene", {"a": (0, 0, 0)})
+    write_boxes(tmp_path, {"secret": (1, 0, 0)})
+    (tmp_path / "in" / "scene" / "instances.json").write_text(json.dumps(["a.obj", "../../secret.obj"]))
+    report = prepare_dataset(tmp_path / "in", tmp_path / "out", OPTIONS, workers=1)
+    reason = report.skipped[0]["reason"]
+    assert "instances.json" in reason and "'../../secret.obj' leaves" in reason
+
+
+def _alive(pids) -> list[int]:
+    import psutil
+
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def test_workers_exit_when_the_parent_is_killed(tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "prepare_data.py"), "--synthetic", "40", "--output_dir", str(out),
+           "--workers", "2", "--image_size", "64", "--num_samples", "256", "--no_progress"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            workers = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+            time.sleep(0.05)
+        assert len(workers) >= 2, "the pool never started"
+        assert (out / ".prepare.lock").read_text().split()[0] == str(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while _alive(workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _alive(workers) == []
+    finally:
+        for pid in _alive(workers):
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+    # The dead run's lock is stale: a rerun takes it over, finishes and removes it.
+    report = run_jobs(out, synthetic_jobs(3), PrepareOptions(num_samples=256, image_size=64))
+    assert len(report.written) + len(report.already_done) == 3 and not (out / ".prepare.lock").exists()
+
+
+def test_live_lock_refuses_a_second_run(tmp_path):
+    from midi.data.errors import UsageError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(["sleep", "30"])
+    try:
+        (out / ".prepare.lock").write_text(f"{holder.pid}\n")
+        with pytest.raises(UsageError, match=rf"pid {holder.pid}"):
+            run_jobs(out, synthetic_jobs(1), OPTIONS)
+        assert not (out / "scenes").exists() or not any((out / "scenes").iterdir())
+        assert (out / ".prepare.lock").read_text().strip() == str(holder.pid)
+    finally:
+        holder.kill()
+        holder.wait()

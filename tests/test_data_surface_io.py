@@ -85,3 +85,32 @@ def test_non_dict_and_bad_shapes_are_refused(tmp_path):
     np.savez(missing, surface_points=np.zeros((4, 3)))
     with pytest.raises(DataError, match="missing"):
         load_surface(missing)
+
+
+def test_trimesh_tracked_arrays_load_as_plain_arrays(tmp_path):
+    # What trimesh-based pipelines write: sample_surface returns trimesh's TrackedArray (an
+    # ndarray subclass), which np.save pickles by class name.
+    import trimesh
+
+    mesh = trimesh.creation.box()
+    points, faces = trimesh.sample.sample_surface(mesh, 64, seed=0)
+    path = tmp_path / "tracked.npy"
+    normals = mesh.face_normals[faces]
+    np.save(path, {"surface_points": points, "surface_normals": normals}, allow_pickle=True)
+    assert b"TrackedArray" in path.read_bytes()
+    got_points, got_normals = load_surface(path)
+    assert type(got_points) is np.ndarray and type(got_normals) is np.ndarray
+    np.testing.assert_array_equal(got_points, np.asarray(points, np.float32))
+    np.testing.assert_array_equal(got_normals, np.asarray(normals, np.float32))
+
+
+def test_refusal_says_how_to_convert(tmp_path):
+    marker = tmp_path / "pwned"
+    array = np.empty((), dtype=object)
+    array[()] = {"surface_points": _Evil(str(marker)), "surface_normals": np.zeros((2, 3), np.float32)}
+    path = tmp_path / "evil.npy"
+    np.save(path, array, allow_pickle=True)
+    with pytest.raises(DataError, match=r"python -c .*np\.save") as info:
+        load_surface(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+    assert not marker.exists()

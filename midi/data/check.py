@@ -5,7 +5,8 @@ points outside [-1, 1], normals that are not unit length, too few points, a surf
 image/id map size mismatch, an id map label with no object, a manifest that lists missing scenes,
 no scene at all or an empty train split. Warnings are legitimate but worth a look: an object absent
 from one view (empty mask) or from every view (the reader and the converter drop it), a tiny mask,
-a finished scene the manifest does not list.
+a finished scene the manifest does not list, an object prepare dropped or a mesh it repaired (as
+recorded in ``scene.json``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from midi.data.atomic import write_json
 from midi.data.dataset import (
     DEFAULT_MIN_MASK_FRACTION,
     SceneRecord,
+    check_labels,
     manifest_entries,
     open_dataset,
     read_manifest,
@@ -34,7 +36,9 @@ REPORT_NAME = "check_report.json"
 SHEET_NAME = "contact_sheet.png"
 BOUND_TOLERANCE = 1e-4
 NORMAL_TOLERANCE = 1e-3
-WARNING_KINDS = frozenset({"empty_mask", "tiny_mask", "unlisted_scene", "missing_object"})
+WARNING_KINDS = frozenset(
+    {"empty_mask", "tiny_mask", "unlisted_scene", "missing_object", "dropped_object", "repaired_mesh"}
+)
 
 
 @dataclass
@@ -182,10 +186,10 @@ def check_view(
         problems.append(
             Problem(scene, "size_mismatch", f"{ids.name} is {labels.shape[::-1]}, {image.name} is {size}")
         )
-    present = np.unique(labels)
-    extra = [int(v) for v in present if v < 0 or v > len(names)]
-    if extra:
-        problems.append(Problem(scene, "extra_label", f"{ids.name}: labels {extra} but {len(names)} objects"))
+    try:
+        check_labels(labels, len(names), ids)
+    except DataError as exc:
+        problems.append(Problem(scene, "extra_label", str(exc)))
     counts = np.bincount(labels.ravel().clip(0), minlength=len(names) + 1)[1 : len(names) + 1]
     limit = min_mask_fraction * labels.size
     for name, pixels in zip(names, counts):
@@ -219,6 +223,22 @@ def check_scene(record: SceneRecord, min_points: int, min_mask_fraction: float) 
         for name in np.asarray(record.object_names)[seen == 0]:
             result.problems.append(Problem(record.scene_id, "missing_object", f"{name} is in no id map"))
     return result
+
+
+def recorded_warnings(root: Path, scene: str) -> list[Problem]:
+    """What prepare recorded in a scene's ``scene.json``: objects it dropped, meshes it repaired."""
+    try:
+        record = layout.read_json(layout.scene_dir(root, scene) / layout.SCENE_JSON)
+    except (OSError, ValueError):
+        return []  # an unfinished scene is reported by check_manifest
+    if not isinstance(record, dict):
+        return []
+    dropped = [d for d in record.get("dropped", []) if isinstance(d, dict)]
+    problems = [
+        Problem(scene, "dropped_object", f"{d.get('name')}: dropped ({d.get('reason')})") for d in dropped
+    ]
+    objects = [o for o in record.get("objects", []) if isinstance(o, dict) and o.get("warning")]
+    return problems + [Problem(scene, "repaired_mesh", f"{o.get('name')}: {o['warning']}") for o in objects]
 
 
 def check_manifest(root: Path) -> list[Problem]:
@@ -291,6 +311,9 @@ def check_dataset(
     if min_points is None:
         min_points = int(read_manifest(root).get("num_surface_points", 1)) if kind == layout.FORMAT else 20480
     scenes = [check_scene(r, min_points, min_mask_fraction) for r in records]
+    if kind == layout.FORMAT:
+        for scene in scenes:
+            scene.problems += recorded_warnings(root, scene.scene_id)
     report = CheckReport(str(root), str(kind), scenes, dataset_problems)
     if write:
         out = Path(report_dir) if report_dir is not None else root

@@ -152,15 +152,16 @@ def _open_manifest(root: Path, split: str) -> list[SceneRecord]:
     entries = manifest_entries(manifest, Path(root) / layout.MANIFEST)
     fmt = str(manifest.get("surface_format", "npy"))
     wanted = None if split == "all" else set(manifest.get("splits", {}).get(split, []))
-    records = []
-    for entry in entries:
-        if wanted is not None and entry["id"] not in wanted:
-            continue
-        folder = layout.scene_dir(root, entry["id"])
+    listing, records = Path(root) / layout.MANIFEST, []
+    for entry in entries:  # every entry is checked, also those of other splits
+        folder = layout.inside(Path(root) / layout.SCENES_DIR, entry["id"], listing)
         names = tuple(entry["objects"])
-        surfaces = tuple(layout.surface_path(folder, n, fmt) for n in names)
+        surfaces = tuple(layout.inside(folder / layout.SURFACES_DIR, f"{n}.{fmt}", listing) for n in names)
+        for view in entry["views"]:
+            layout.inside(folder / layout.VIEWS_DIR, view, listing)
         views = tuple(layout.view_paths(folder, v) for v in entry["views"])
-        records.append(SceneRecord(entry["id"], names, surfaces, views, layout.FORMAT))
+        if wanted is None or entry["id"] in wanted:
+            records.append(SceneRecord(entry["id"], names, surfaces, views, layout.FORMAT))
     return records
 
 
@@ -185,17 +186,32 @@ def load_view(
         ``(image (H, W, 3) float32, labels (H, W) int32)``.
 
     Raises:
-        DataError: Unreadable files or different sizes.
+        DataError: Unreadable files, different sizes, or a label with no object.
     """
     image_path, ids_path = record.views[view_index]
     rgb = read_rgb(image_path, background)
     labels = read_label_map(ids_path)
+    check_labels(labels, len(record.object_names), ids_path)
     if image_size is not None:
         rgb = resize_rgb(rgb, image_size)
         labels = resize_labels(labels, image_size)
     elif labels.shape != rgb.shape[:2]:
         raise DataError(f"{ids_path}: id map {labels.shape} and image {rgb.shape[:2]} differ in size")
     return rgb, labels
+
+
+def check_labels(labels: np.ndarray, num_objects: int, where: object) -> None:
+    """Refuses an id map with a label that has no object (the same message for --check and training).
+
+    Raises:
+        DataError: ``"<where>: labels [...] but the scene has N objects (labels 1..N)"``.
+    """
+    extra = np.setdiff1d(np.unique(labels), np.arange(num_objects + 1))
+    if len(extra):
+        shown = ", ".join(map(str, extra[:8])) + (f", ... ({len(extra)} in all)" if len(extra) > 8 else "")
+        raise DataError(
+            f"{where}: labels [{shown}] but the scene has {num_objects} objects (labels 1..{num_objects})"
+        )
 
 
 def instance_masks(

@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 from midi.data.errors import DataError
-from midi.data.layout import safe_name
+from midi.data.layout import inside, safe_name
 
 RENDER_DIR = "3D-FRONT-RENDER"
 SURFACE_DIR = "3D-FRONT-SURFACE"
@@ -93,7 +93,13 @@ def read_rooms(root: Path) -> list[tuple[str, list[str]]]:
                 raise DataError(
                     f"{rooms_file.name} lists {len(rooms)} rooms but {furniture_file.name} {len(furniture)}"
                 )
-            return [(str(r), [str(n) for n in names]) for r, names in zip(rooms, furniture)]
+            out = [(str(r), [str(n) for n in names]) for r, names in zip(rooms, furniture)]
+            for room, names in out:  # the lists name folders and files: none may leave the root
+                for top in (RENDER_DIR, SURFACE_DIR):
+                    inside(root / top, room, rooms_file.name)
+                for name in names:
+                    inside(root / SURFACE_DIR / room, f"{name}.npy", furniture_file.name)
+            return out
     raise DataError(f"{root}: no room list with furniture list (midi_room_ids/midi_furniture_ids)")
 
 

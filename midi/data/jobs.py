@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from midi.data.camera import Camera
+from midi.data.dataset import check_labels
 from midi.data.errors import DataError
 from midi.data.images import Colour
 from midi.data.meshes import (
@@ -143,6 +144,8 @@ def sample_objects(objects: Sequence[NamedMesh], options: PrepareOptions, scene_
             obj.mesh, options.num_samples, object_rng(options.seed, scene_id, index)
         )
         info = {"num_faces": int(len(obj.mesh.faces)), "area": float(obj.mesh.area)}
+        if obj.warning:
+            info["warning"] = obj.warning  # kept in scene.json, where --check finds it
         out.append(ObjectData(obj.name, obj.source, points, normals, info))
     return out
 
@@ -171,13 +174,7 @@ def check_extra_labels(views: Sequence[ViewData], names: Sequence[str]) -> None:
         DataError: Naming the id map file, the labels and the object count.
     """
     for view in views:
-        labels = np.unique(view.ids)
-        extra = [int(v) for v in labels if v > len(names) or v < 0]
-        if extra:
-            where = Path(view.source.get("id_map", "id map")).name
-            raise DataError(
-                f"{where}: labels {extra} but the scene has {len(names)} objects (labels 1..{len(names)})"
-            )
+        check_labels(view.ids, len(names), Path(view.source.get("id_map", "id map")).name)
 
 
 def drop_unseen(

@@ -16,10 +16,13 @@ Everything here is standard library only, so the reading side stays light.
 from __future__ import annotations
 
 import json
+import os
 import re
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+
+from midi.data.errors import DataError
 
 FORMAT = "midi-scenes"
 VERSION = 1
@@ -68,6 +71,23 @@ def unique_names(names: Iterable[str]) -> list[str]:
         seen.add(candidate.lower())
         out.append(candidate)
     return out
+
+
+def inside(root: Path, name: str, listed_in: object) -> Path:
+    """``root / name``, refusing a name that leaves ``root`` (``..``, an absolute path).
+
+    Every path named by a manifest, an ``instances.json``, a 3D-Front list or a scene file goes
+    through here, so a crafted list cannot make the tools read (or write) elsewhere. The test is
+    lexical: symlinks inside the root (data kept on another disk) stay allowed.
+
+    Raises:
+        DataError: ``"<listed_in>: <name> leaves <root>"``.
+    """
+    base = os.path.normpath(root)
+    path = os.path.normpath(os.path.join(base, name))
+    if os.path.commonpath([base, path]) != base or path == base:
+        raise DataError(f"{listed_in}: {name!r} leaves {root} (names must stay inside it)")
+    return Path(path)
 
 
 def view_name(index: int) -> str:

@@ -29,11 +29,13 @@ class NamedMesh:
         name: Object name (a safe file name once the scene is assembled).
         mesh: Triangle mesh in the scene frame.
         source: Where it came from (file name, optionally ``file#node``).
+        warning: What loading had to repair (e.g. faces with NaN vertices removed), or "".
     """
 
     name: str
     mesh: trimesh.Trimesh
     source: str
+    warning: str = ""
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,30 @@ def is_mesh_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in MESH_SUFFIXES
 
 
-def load_scene_graph(path: Path) -> trimesh.Scene:
+class _RecordingResolver(trimesh.resolvers.FilePathResolver):
+    """trimesh's resolver (which keeps reads inside the mesh's folder), noting every file name asked for."""
+
+    def __init__(self, path: Path, used: set[str]) -> None:
+        super().__init__(str(path))
+        self.used = used
+
+    def get(self, name: str) -> bytes:
+        # trimesh falls back to the base name, so that is what the folder's files are matched on.
+        self.used.add(Path(name.replace("\\", "/")).name.lower())
+        return super().get(name)
+
+
+def load_scene_graph(path: Path, used: set[str] | None = None) -> trimesh.Scene:
     """Loads any supported mesh file as a trimesh scene.
 
-    OBJ ``o`` objects become separate geometries (one file can hold several objects).
+    OBJ ``o`` objects become separate geometries (one file can hold several objects). Loading
+    does not process the meshes, so faces with NaN vertices reach :func:`scene_instances`, which
+    removes them and says so (trimesh would drop them silently).
+
+    Args:
+        path: The mesh file.
+        used: When given, receives the lower-case names of the files the mesh refers to
+            (``.mtl``, textures, buffers), so that they are not taken for scene images.
 
     Raises:
         DataError: Empty or unreadable file, or a file without any geometry.
@@ -77,8 +99,9 @@ def load_scene_graph(path: Path) -> trimesh.Scene:
     if path.stat().st_size == 0:
         raise DataError(f"{path.name}: empty file")
     kwargs = {"split_objects": True, "group_material": False} if path.suffix.lower() == ".obj" else {}
+    resolver = _RecordingResolver(path, set() if used is None else used)
     try:
-        scene = trimesh.load_scene(str(path), **kwargs)
+        scene = trimesh.load_scene(str(path), resolver=resolver, process=False, **kwargs)
     except Exception as exc:
         raise DataError(f"{path.name}: cannot read mesh ({type(exc).__name__}: {exc})") from exc
     if not scene.geometry:
@@ -112,7 +135,14 @@ def scene_instances(scene: trimesh.Scene, source: str) -> tuple[list[NamedMesh],
             # (taken from the winding) still point outward.
             faces = faces[:, ::-1]
         mesh = trimesh.Trimesh(vertices, np.ascontiguousarray(faces), process=False)
-        instances.append(NamedMesh(str(node), mesh, f"{source}#{node}"))
+        count = len(mesh.faces)
+        mesh.remove_infinite_values()  # faces touching a NaN/inf vertex, and those vertices
+        if len(mesh.faces) == 0:
+            skipped.append((str(node), "every face has a NaN/inf vertex"))
+            continue
+        lost = count - len(mesh.faces)
+        warning = f"removed {lost} face(s) with NaN/inf vertices" if lost else ""
+        instances.append(NamedMesh(str(node), mesh, f"{source}#{node}", warning))
     return instances, skipped
 
 
@@ -142,22 +172,24 @@ def load_instances(path: Path) -> tuple[list[NamedMesh], list[tuple[str, str]]]:
     return instances, skipped
 
 
-def load_object(path: Path, name: str | None = None) -> NamedMesh:
+def load_object(path: Path, name: str | None = None, used: set[str] | None = None) -> NamedMesh:
     """Loads a mesh file as ONE object: all its geometry, transforms applied, concatenated.
 
     Args:
         path: A mesh file.
         name: Object name; the file stem when None.
+        used: Receives the names of the files the mesh refers to (see :func:`load_scene_graph`).
 
     Raises:
         DataError: Unreadable/empty file, or no triangle faces at all (e.g. a points-only PLY).
     """
     path = Path(path)
-    instances, skipped = scene_instances(load_scene_graph(path), path.name)
+    instances, skipped = scene_instances(load_scene_graph(path, used), path.name)
     if not instances:
         raise DataError(f"{path.name}: {skipped[0][1] if skipped else 'no triangle mesh'}")
     mesh = concatenate([inst.mesh for inst in instances])
-    return NamedMesh(name or path.stem, mesh, path.name)
+    warning = "; ".join(w for w in [i.warning for i in instances] + [f"{n}: {r}" for n, r in skipped] if w)
+    return NamedMesh(name or path.stem, mesh, path.name, warning)
 
 
 def concatenate(meshes: Sequence[trimesh.Trimesh]) -> trimesh.Trimesh:
@@ -212,7 +244,7 @@ def apply_normalization(obj: NamedMesh, norm: Normalization) -> NamedMesh:
     mesh = trimesh.Trimesh(
         norm.apply(np.asarray(obj.mesh.vertices)), np.asarray(obj.mesh.faces), process=False
     )
-    return NamedMesh(obj.name, mesh, obj.source)
+    return NamedMesh(obj.name, mesh, obj.source, obj.warning)
 
 
 def sample_surface(

@@ -8,7 +8,8 @@ reason in the report; nothing of them is left on disk.
 
 ``scene.json`` fields: ``format``, ``version``, ``id``; ``objects`` in id order, each with
 ``name``, ``surface`` (path in the scene folder), ``source`` (input file, ``file#node`` for scene
-files), ``num_points``, and for meshes ``num_faces`` and ``area`` (normalised units);
+files), ``num_points``, and for meshes ``num_faces``, ``area`` (normalised units) and, when loading
+repaired the mesh, ``warning``;
 ``views``, each with ``name``, ``image``, ``id_map``, ``instance_pixels`` (pixels per object),
 ``camera`` (for rendered views: orbit parameters, ``eye``, OpenCV ``intrinsics`` and
 ``world_to_camera``; null for user images), ``rendered`` and the source files of user views;
@@ -20,11 +21,13 @@ files), ``num_points``, and for meshes ``num_faces`` and ``area`` (normalised un
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,9 +42,10 @@ from midi.data.errors import DataError, UsageError
 from midi.data.images import labels_to_image, save_png
 from midi.data.jobs import ObjectData, PrepareOptions, SceneContent, SceneJob, ViewData
 from midi.data.surface_io import save_surface
-from midi.data.threads import single_threaded_blas, worker_init
+from midi.data.threads import pid_alive, single_threaded_blas, worker_init
 
 REPORT_NAME = "prepare_report.json"
+LOCK_NAME = ".prepare.lock"
 WORKER_DIED = "worker died (out of memory?)"
 # Errors of the output disk: fatal for the whole run, since every later scene would fail alike.
 FATAL_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EROFS) if e)
@@ -56,6 +60,7 @@ class SceneOutcome:
     reason: str = ""
     num_objects: int = 0
     seconds: float = 0.0
+    warnings: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -67,6 +72,7 @@ class PrepareReport:
         written: Scenes written by this run.
         already_done: Scenes found finished (resume).
         skipped: ``{"scene", "reason"}`` of every scene that failed.
+        warnings: ``{"scene", "object", "detail"}`` of every object dropped or repaired in a written scene.
         num_meshes: Objects written by this run.
         seconds: Wall time of the scene work.
         workers: Worker processes used.
@@ -78,6 +84,7 @@ class PrepareReport:
     written: list[str] = field(default_factory=list)
     already_done: list[str] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[dict[str, str]] = field(default_factory=list)
     num_meshes: int = 0
     seconds: float = 0.0
     workers: int = 1
@@ -98,9 +105,10 @@ class PrepareReport:
         lines = [
             f"prepared {len(self.written)} scene(s) ({self.num_meshes} meshes, {self.meshes_per_second:.2f} meshes/s, "
             f"{self.workers} worker(s)); {len(self.already_done)} already done; {len(self.skipped)} skipped; "
-            f"{self.num_scenes_total} scene(s) in {self.output_dir}/{layout.MANIFEST}"
+            f"{len(self.warnings)} warning(s); {self.num_scenes_total} scene(s) in {self.output_dir}/{layout.MANIFEST}"
         ]
         lines += [f"  skipped {s['scene']}: {s['reason']}" for s in self.skipped]
+        lines += [f"  warning {w['scene']}/{w['object']}: {w['detail']}" for w in self.warnings]
         if self.aborted:
             lines.append("  stopped at the first failure (--strict)")
         return "\n".join(lines)
@@ -158,9 +166,54 @@ def run_jobs(
 
     Returns:
         The report (also written to ``<output_dir>/prepare_report.json``).
+
+    Raises:
+        UsageError: Another run (a live pid in ``<output_dir>/.prepare.lock``) writes there.
     """
     output_dir = Path(output_dir)
     _validate_options(options)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with output_lock(output_dir):
+        return _run_locked(output_dir, jobs, options, workers, progress, strict)
+
+
+@contextmanager
+def output_lock(output_dir: Path) -> Iterator[None]:
+    """Holds ``<output_dir>/.prepare.lock`` (this pid) while a run writes there.
+
+    Two runs (or a rerun and the workers of a killed run) would race on the same scenes and
+    remove each other's temporary folders. A lock whose pid is dead (or unreadable) is stale
+    and taken over.
+
+    Raises:
+        UsageError: The lock is held by a live process (named by its pid).
+    """
+    path = output_dir / LOCK_NAME
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pid = None
+            if pid is not None and pid != os.getpid() and pid_alive(pid):
+                raise UsageError(f"{path}: another prepare run (pid {pid}) is writing into {output_dir}; "
+                                 "wait for it, or delete the lock if no such run is going on") from None  # fmt: skip
+            path.unlink(missing_ok=True)
+    else:
+        raise UsageError(f"{path}: cannot take the lock (other runs keep taking it)")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _run_locked(output_dir: Path, jobs: Sequence[SceneJob], options: PrepareOptions, workers: int,
+                progress: bool, strict: bool) -> PrepareReport:  # fmt: skip
     scenes = output_dir / layout.SCENES_DIR
     scenes.mkdir(parents=True, exist_ok=True)
     check_resume_settings(output_dir, options)
@@ -205,6 +258,7 @@ def _record(report: PrepareReport, outcome: SceneOutcome) -> None:
     if outcome.status == "written":
         report.written.append(outcome.scene_id)
         report.num_meshes += outcome.num_objects
+        report.warnings += [{"scene": outcome.scene_id} | w for w in outcome.warnings]
     elif outcome.status == "done":
         report.already_done.append(outcome.scene_id)
     else:
@@ -217,7 +271,7 @@ def _outcomes(output_dir: Path, jobs: Sequence[SceneJob], options: PrepareOption
         for job in jobs:
             yield process_job(job, output_dir, options)
         return
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=worker_init)
+    pool = _pool(workers)
     try:
         # Keep only a few jobs queued per worker, so a --strict stop or Ctrl-C leaves little to cancel.
         queue = list(reversed(jobs))
@@ -242,9 +296,14 @@ def _outcomes(output_dir: Path, jobs: Sequence[SceneJob], options: PrepareOption
                     yield SceneOutcome(job.scene_id, "skipped", WORKER_DIED)
                 running.clear()
                 pool.shutdown(wait=True, cancel_futures=True)
-                pool = ProcessPoolExecutor(max_workers=workers, initializer=worker_init)
+                pool = _pool(workers)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    # Workers get this pid so that they die with this process (see worker_init).
+    return ProcessPoolExecutor(max_workers=workers, initializer=worker_init, initargs=(os.getpid(),))
 
 
 def process_job(job: SceneJob, output_dir: Path, options: PrepareOptions) -> SceneOutcome:
@@ -271,9 +330,13 @@ def process_job(job: SceneJob, output_dir: Path, options: PrepareOptions) -> Sce
         return SceneOutcome(job.scene_id, "skipped", str(DataError(f"{type(exc).__name__}: {exc}")))
     except Exception as exc:  # a per-scene failure must never stop the run
         return SceneOutcome(job.scene_id, "skipped", str(DataError(f"{type(exc).__name__}: {exc}")))
-    return SceneOutcome(
-        job.scene_id, "written", num_objects=len(content.objects), seconds=time.perf_counter() - start
-    )
+    # Objects left out or repaired are not failures, but must not pass unseen ("clean").
+    warnings = [{"object": d["name"], "detail": f"dropped: {d['reason']}"} for d in content.dropped]
+    warnings += [
+        {"object": o.name, "detail": o.info["warning"]} for o in content.objects if o.info.get("warning")
+    ]
+    return SceneOutcome(job.scene_id, "written", num_objects=len(content.objects),
+                        seconds=time.perf_counter() - start, warnings=warnings)  # fmt: skip
 
 
 def write_scene(output_dir: Path, scene_id: str, content: SceneContent, options: PrepareOptions) -> Path:

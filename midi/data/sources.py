@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from midi.data import front3d
+from midi.data import front3d, layout
 from midi.data.errors import DataError
 from midi.data.images import (
     pad_to_square,
@@ -49,6 +49,7 @@ from midi.data.surface_io import load_surface
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 ID_SUFFIXES = ("_ids", "_seg", "_id", "_instances")
 INSTANCES_JSON = "instances.json"
+MTL_MAPS = ("bump", "disp", "decal", "norm", "refl")  # .mtl texture statements besides map_*
 
 
 def discover_jobs(input_path: Path, single_object: bool = False) -> list[SceneJob]:
@@ -121,7 +122,7 @@ def build_content(job: SceneJob, options: PrepareOptions) -> SceneContent:
 
 def _name_instances(objects: list[NamedMesh]) -> list[NamedMesh]:
     names = unique_names(safe_name(o.name, "object") for o in objects)
-    return [NamedMesh(n, o.mesh, o.source) for n, o in zip(names, objects)]
+    return [NamedMesh(n, o.mesh, o.source, o.warning) for n, o in zip(names, objects)]
 
 
 def build_mesh_content(
@@ -168,9 +169,21 @@ def check_label_coverage(views: list[ViewData], names: list[str]) -> None:
 def _load_folder(folder: Path, options: PrepareOptions) -> tuple[list[NamedMesh], list, list[ViewData]]:
     mesh_files = _ordered_mesh_files(folder)
     names = unique_names(safe_name(p.stem, "object") for p in mesh_files)
-    objects = [load_object(p, n) for p, n in zip(mesh_files, names)]
-    views = [] if options.render == "always" else folder_views(folder, options)
+    used = _mtl_textures(folder)  # files the meshes refer to are textures, never scene images
+    objects = [load_object(p, n, used) for p, n in zip(mesh_files, names)]
+    views = [] if options.render == "always" else folder_views(folder, options, used)
     return objects, [], views
+
+
+def _mtl_textures(folder: Path) -> set[str]:
+    """Lower-case names of the texture files named by the folder's ``.mtl`` files (map_Kd, bump...)."""
+    names = set()
+    for mtl in folder.glob("*.[mM][tT][lL]"):
+        for line in mtl.read_text(encoding="utf-8", errors="replace").splitlines():
+            words = line.split()
+            if len(words) > 1 and (words[0].lower().startswith("map_") or words[0].lower() in MTL_MAPS):
+                names.add(Path(words[-1].replace("\\", "/")).name.lower())
+    return names
 
 
 def _ordered_mesh_files(folder: Path) -> list[Path]:
@@ -181,6 +194,8 @@ def _ordered_mesh_files(folder: Path) -> list[Path]:
     if not mapping.is_file():
         return files
     order = _read_instances_json(mapping)
+    for name in order:
+        layout.inside(folder, name, mapping)
     by_name = {p.name: p for p in files}
     unknown = [n for n in order if n not in by_name]
     if unknown:
@@ -209,13 +224,16 @@ def _read_instances_json(path: Path) -> list[str]:
     raise DataError(f"{path}: expected a list of mesh files or an {{id: mesh file}} object")
 
 
-def find_view_pairs(folder: Path) -> list[tuple[Path, Path]]:
-    """Pairs every scene image in a folder with its id map.
+def find_view_pairs(folder: Path, textures: set[str] = frozenset()) -> list[tuple[Path, Path]]:
+    """Pairs every scene image in a folder with its id map; ``textures`` (lower-case names) are left out.
 
     Raises:
         DataError: An image without id map, or an id map without image.
     """
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    images = sorted(
+        p for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and p.name.lower() not in textures
+    )  # fmt: skip
     maps = {p.stem.lower(): p for p in images if _is_id_map(p.stem)}
     pairs, used = [], set()
     for image in (p for p in images if not _is_id_map(p.stem)):
@@ -245,9 +263,9 @@ def _id_map_candidates(stem: str) -> list[str]:
     return names
 
 
-def folder_views(folder: Path, options: PrepareOptions) -> list[ViewData]:
-    """Reads, pads to square and resizes the user views of a scene folder."""
-    return [load_view(image, idmap, options) for image, idmap in find_view_pairs(folder)]
+def folder_views(folder: Path, options: PrepareOptions, textures: set[str] = frozenset()) -> list[ViewData]:
+    """Reads, pads to square and resizes the user views of a scene folder (textures left out)."""
+    return [load_view(image, idmap, options) for image, idmap in find_view_pairs(folder, textures)]
 
 
 def load_view(image: Path, idmap: Path, options: PrepareOptions) -> ViewData:

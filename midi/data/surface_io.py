@@ -7,7 +7,9 @@ Two file formats hold the same two arrays, ``surface_points`` (P, 3) float32 and
 - ``.npz``: the two arrays by name (no pickle at all).
 
 Loading a pickle can run arbitrary code, so ``.npy`` files are read with a restricted unpickler
-that can only rebuild numpy arrays, dtypes and plain containers; anything else is refused.
+that can only rebuild numpy arrays, dtypes and plain containers (ndarray subclasses such as
+trimesh's ``TrackedArray`` come back as plain arrays); anything else is refused, with a
+one-line command to convert a trusted file.
 A plain numeric ``.npy`` of shape (P, 6) (xyz + normals) is accepted too.
 """
 
@@ -41,7 +43,17 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy.core.numeric", "_frombuffer"): _numeric._frombuffer,
     ("numpy._core.numeric", "_frombuffer"): _numeric._frombuffer,
     ("_codecs", "encode"): codecs.encode,
+    # ndarray subclasses: trimesh's sample_surface/face_normals return TrackedArray, so surfaces
+    # saved by trimesh pipelines pickle its name. Rebuilding them as plain ndarrays keeps the
+    # data and never imports or runs trimesh (or numpy.matrix) code.
+    ("trimesh.caching", "TrackedArray"): np.ndarray,
+    ("numpy", "matrix"): np.ndarray,
+    ("numpy", "memmap"): np.ndarray,
 }
+# One line telling the user how to turn a refused (but trusted) file into a plain (P, 6) .npy.
+_CONVERT = ("if you trust it, convert it with: python -c \"import numpy as np, sys; d = np.load(sys.argv[1], "
+            "allow_pickle=True).item(); np.save(sys.argv[1], np.concatenate([np.asarray(d['surface_points']), "
+            "np.asarray(d['surface_normals'])], 1))\" {path}")  # fmt: skip
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -98,7 +110,8 @@ def load_surface(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise
     except pickle.UnpicklingError as exc:
         raise DataError(
-            f"{path}: refused to unpickle ({exc}); only a dict of numpy arrays is allowed"
+            f"{path}: refused to unpickle ({exc}); only a dict of numpy arrays is allowed; "
+            + _CONVERT.format(path=path)
         ) from exc
     except Exception as exc:
         raise DataError(f"{path}: cannot read surface file ({type(exc).__name__}: {exc})") from exc
