@@ -33,7 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from midi.config import ConfigError, TrainingConfig, config_to_yaml, load_config, training_device_is_cpu
+from midi.config import (
+    DEFAULT_CONFIG,
+    ConfigError,
+    TrainingConfig,
+    config_to_yaml,
+    load_config,
+    training_device_is_cpu,
+)
 from midi.data.errors import DataError, UsageError
 
 logger = logging.getLogger("train_lora")
@@ -42,14 +49,18 @@ logger = logging.getLogger("train_lora")
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """The script's own flags; everything else is a config override."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/train/lora_finetune.yaml", help="YAML config (configs/train/)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help=f"YAML config (configs/train/); default {DEFAULT_CONFIG} (the real model)")
     parser.add_argument("--resume_from_checkpoint", metavar="latest|PATH",
                         help="continue a run: 'latest' checkpoint of train.output_dir, or a checkpoint folder")
     parser.add_argument("--dry_run", action="store_true",
                         help="validate, build, time real training steps at the configured size, print "
                              "memory and estimates, write nothing, exit")  # fmt: skip
+    parser.add_argument("--dry_run_json", metavar="PATH", help="with --dry_run: also write the report as JSON to PATH")
     parser.add_argument("--print_config", action="store_true", help="print the resolved config with key docs and exit")
     args, overrides = parser.parse_known_args(argv)
+    if args.dry_run_json and not args.dry_run:
+        parser.error("--dry_run_json needs --dry_run")
     if args.resume_from_checkpoint:
         overrides += ["--checkpointing.resume_from_checkpoint", args.resume_from_checkpoint]
     return args, overrides
@@ -66,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         from midi.train_setup import check_model_setup_or_raise
 
         check_model_setup_or_raise(cfg, args.config)
-        return run(cfg, dry_run=args.dry_run)
+        return run(cfg, dry_run=args.dry_run, report_path=args.dry_run_json)
     except _user_errors() as exc:
         for line in str(exc).splitlines():
             print(f"error: {line}", file=sys.stderr)
@@ -195,15 +206,15 @@ def _setup_logging(main_process: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- loop
-def run(cfg: TrainingConfig, dry_run: bool = False) -> int:
-    """Builds everything, then trains (or, with ``dry_run``, times one step) and exports."""
+def run(cfg: TrainingConfig, dry_run: bool = False, report_path: str | None = None) -> int:
+    """Builds everything, then trains (or, with ``dry_run``, times a few steps) and exports."""
     from midi.trainer import check_output_dir
 
     if not dry_run:
         check_output_dir(Path(cfg.train.output_dir), cfg.checkpointing.resume_from_checkpoint)
     r = build(cfg, dry_run)
     if dry_run:
-        print(measure_dry_run(r))
+        print(measure_dry_run(r, report_path))
         return 0
     state = start(r)
     train(r, state)
@@ -212,19 +223,32 @@ def run(cfg: TrainingConfig, dry_run: bool = False) -> int:
 
 
 def start(r: Run):
-    """Resumes or starts the run: restores state, writes the config, opens the trackers."""
-    from midi.trainer import TrainerState, resolve_resume, tracker_config, write_run_config
+    """Resumes or starts the run: removes a killed run's leftovers, restores the state."""
+    from midi.trainer import TrainerState, remove_stale, resolve_resume
 
     acc, cfg = r.accelerator, r.cfg
+    if acc.is_main_process:
+        for name in remove_stale(r.output_dir):
+            logger.info("removed %s (left by an interrupted run)", name)
+    acc.wait_for_everyone()
     resume = resolve_resume(r.output_dir, cfg.checkpointing.resume_from_checkpoint)
     state = r.checkpoints.load(resume) if resume else TrainerState()
     if resume:
         logger.info("resumed from %s at step %d", resume, state.global_step)
+        # A resumed run gets a fresh allowance: an emergency checkpoint would otherwise stop again at once.
+        state.consecutive_nonfinite, state.nonfinite_scenes = 0, []
     r.sampler.consumed = state.consumed_batches
-    if acc.is_main_process:
-        write_run_config(cfg, r.output_dir)
-    acc.init_trackers(cfg.logging.project_name, config=tracker_config(cfg))
     return state
+
+
+def open_outputs(r: Run) -> None:
+    """Writes ``config.yaml`` and opens the trackers (``logs/``), once the first step has run, so
+    a run that fails while starting leaves nothing behind."""
+    from midi.trainer import tracker_config, write_run_config
+
+    if r.accelerator.is_main_process:
+        write_run_config(r.cfg, r.output_dir)
+    r.accelerator.init_trackers(r.cfg.logging.project_name, config=tracker_config(r.cfg))
 
 
 def train(r: Run, state) -> None:
@@ -239,8 +263,12 @@ def train(r: Run, state) -> None:
     bar = tqdm(total=r.max_steps, initial=state.global_step, desc="train", unit="step",
                disable=not (acc.is_main_process and cfg.logging.progress_bar))  # fmt: skip
     r.model.train()
+    first = True
     while state.global_step < r.max_steps:
         loss, grad_norm, skipped = optimizer_step(r, state, batches, meter)
+        if first:
+            open_outputs(r)
+            first = False
         state.global_step += 1
         count_nonfinite(r, state, skipped)
         state.epoch = r.sampler.locate(state.consumed_batches)[0]
@@ -277,6 +305,8 @@ def optimizer_step(r: Run, state, batches, meter) -> tuple[float, float, bool]:
             if finite:
                 acc.backward(out.loss)
                 losses.append(float(out.loss.detach()))
+            else:
+                state.nonfinite_scenes += [s for s in batch.scene_ids if s not in state.nonfinite_scenes]
             bad = bad or not finite
             meter.update(losses[-1] if finite else None, len(batch.scene_ids), out.num_tokens)
             del out  # a skipped micro-step's activations are not kept alive through the next one
@@ -328,7 +358,7 @@ def count_nonfinite(r: Run, state, skipped: bool) -> None:
     from midi.trainer import TrainingError
 
     if not skipped:
-        state.consecutive_nonfinite = 0
+        state.consecutive_nonfinite, state.nonfinite_scenes = 0, []
         return
     state.nonfinite_steps += 1
     state.consecutive_nonfinite += 1
@@ -336,8 +366,11 @@ def count_nonfinite(r: Run, state, skipped: bool) -> None:
                    state.consecutive_nonfinite)  # fmt: skip
     if state.consecutive_nonfinite >= r.cfg.train.max_consecutive_nonfinite:
         path = r.checkpoints.save(state, name=f"emergency-{state.global_step}", rotate=False)
+        scenes = state.nonfinite_scenes
+        cause = (f"non-finite loss in scenes: {', '.join(scenes[:10])}{' ...' if len(scenes) > 10 else ''} (check "
+                 "their data with prepare_data.py --check)" if scenes else "finite losses, non-finite gradients")
         raise TrainingError(f"stopped at step {state.global_step}: {state.consecutive_nonfinite} non-finite steps in a "
-                            f"row (train.max_consecutive_nonfinite); state saved to {path}; lower "
+                            f"row (train.max_consecutive_nonfinite); {cause}; state saved to {path}; or lower "
                             "optimizer.learning_rate or use train.mixed_precision: bf16/no")  # fmt: skip
 
 
@@ -399,21 +432,23 @@ def preview(r: Run, step: int) -> None:
         logger.info("step %d: previews skipped under FSDP (the model is sharded across processes)", step)
         return
     if acc.is_main_process:
-        model = acc.unwrap_model(r.model)
-        model.eval()
-        with acc.autocast():
+        with acc.autocast():  # write_previews runs the models in eval mode and restores their modes
             images = write_previews(r.pipe, r.val_set.records, r.val_set.settings, r.cfg, step, r.output_dir)
-        model.train()
         log_images(acc, images, step)
     acc.wait_for_everyone()
 
 
-def measure_dry_run(r: Run) -> str:
-    """Times two real optimizer steps at the configured size (the second is reported); writes nothing."""
+DRY_RUN_WARMUP_STEPS, DRY_RUN_TIMED_STEPS = 1, 5
+
+
+def measure_dry_run(r: Run, report_path: str | None = None) -> str:
+    """Times real optimizer steps at the configured size after a warm-up (first-step allocations and
+    kernel selection) and reports the median; writes nothing but the optional JSON report."""
     import torch
 
+    from midi.data.atomic import write_json
     from midi.train_setup import count_trainable
-    from midi.trainer import ThroughputMeter, TrainerState, format_dry_run, peak_memory_bytes
+    from midi.trainer import ThroughputMeter, TrainerState, dry_run_report, format_dry_run, peak_memory_bytes
 
     acc = r.accelerator
     if acc.device.type == "cuda":
@@ -421,15 +456,20 @@ def measure_dry_run(r: Run) -> str:
     batches, state, meter = iter(r.loader()), TrainerState(), ThroughputMeter()
     r.model.train()
     times = []
-    for _ in range(2):
+    for _ in range(DRY_RUN_WARMUP_STEPS + DRY_RUN_TIMED_STEPS):
         start = time.perf_counter()
         optimizer_step(r, state, batches, meter)
         times.append(time.perf_counter() - start)
-    rows = meter.tokens // (2 * r.num_tokens * r.cfg.train.gradient_accumulation_steps)
-    return format_dry_run(r.cfg, device=acc.device, num_processes=acc.num_processes, mixed_precision=acc.mixed_precision,
-                          trainable=count_trainable(r.pipe), step_seconds=times[-1], peak_bytes=peak_memory_bytes(acc.device),
-                          batches_per_epoch=r.sampler.epoch_length(0), rows_per_batch=rows, num_tokens=r.num_tokens,
-                          max_steps=r.max_steps, num_scenes=len(r.train_set))  # fmt: skip
+    steps = DRY_RUN_WARMUP_STEPS + DRY_RUN_TIMED_STEPS
+    rows = meter.tokens // (steps * r.num_tokens * r.cfg.train.gradient_accumulation_steps)
+    report = dry_run_report(r.cfg, device=acc.device, num_processes=acc.num_processes, mixed_precision=acc.mixed_precision,
+                            trainable=count_trainable(r.pipe), step_seconds=times[DRY_RUN_WARMUP_STEPS:],
+                            warmup_steps=DRY_RUN_WARMUP_STEPS, peak_bytes=peak_memory_bytes(acc.device),
+                            batches_per_epoch=r.sampler.epoch_length(0), rows_per_batch=rows, num_tokens=r.num_tokens,
+                            max_steps=r.max_steps, num_scenes=len(r.train_set))  # fmt: skip
+    if report_path and acc.is_main_process:
+        write_json(report_path, report)
+    return format_dry_run(r.cfg, report)
 
 
 def finish(r: Run, state) -> None:

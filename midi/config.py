@@ -18,8 +18,10 @@ and the fix, e.g. ``train.batch_size: must be >= 1, got 0`` or
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -34,6 +36,7 @@ import yaml
 DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 DEFAULT_MI_BLOCKS = ["blocks.8", "blocks.9", "blocks.10", "blocks.11", "blocks.12"]
 TINY_MODEL = "tiny"
+DEFAULT_CONFIG = "configs/train/lora_finetune.yaml"  # what a plain `python train_lora.py` loads
 TIMESTEP_SAMPLINGS = ("logit_normal", "logit_normal_dist", "mode", "uniform")
 LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -62,13 +65,15 @@ class ModelConfig:
     """Which MIDI-3D pipeline to finetune and how the frozen parts run."""
 
     pretrained_model_name_or_path: str = _field(
-        TINY_MODEL, "MIDI-3D pipeline folder (released layout), a Hub id already in the local cache, or 'tiny' "
-        "(the in-process toy pipeline of midi.testing, for tests and demos)")
+        TINY_MODEL, "MIDI-3D pipeline folder in the released layout, a Hub id already in the local cache, or `tiny` "
+                    "(a toy pipeline built in-process by `midi.testing`, for tests and demos)")
     tiny_seed: int = _field(0, "seed of the 'tiny' pipeline's random weights (ignored otherwise)")
-    mi_blocks: list[str] = _field(DEFAULT_MI_BLOCKS, "transformer blocks with multi-instance self-attention "
-                                  "(exact names; upstream MIDI uses blocks.8-12)")
-    gradient_checkpointing: bool = _field(True, "recompute transformer activations in backward (less memory, ~30% slower)")
-    vae_slicing_length: int | None = _field(8, "VAE-encode this many objects at a time (bounds memory); null = all at once")
+    mi_blocks: list[str] = _field(DEFAULT_MI_BLOCKS, "transformer blocks whose self-attention is multi-instance "
+                                                     "(exact names; upstream uses blocks 8-12 of 21)")
+    gradient_checkpointing: bool = _field(True, "recompute block activations in backward: much less activation "
+                                                "memory, ~30% slower steps")
+    vae_slicing_length: int | None = _field(8, "VAE-encode this many objects at a time (bounds the VAE's memory); "
+                                               "`null` = all at once")
 
 
 @dataclass
@@ -78,9 +83,11 @@ class LoraSection:
     rank: int = _field(16, "LoRA rank r: higher = more capacity, memory and adapter size")
     alpha: float = _field(16.0, "LoRA alpha; the update is scaled by alpha / rank (alpha / sqrt(rank) with use_rslora)")
     dropout: float = _field(0.1, "dropout on the LoRA input (0 to disable)")
-    target_modules: list[str] = _field(DEFAULT_TARGET_MODULES, "transformer Linear modules to adapt "
-                                       "(name suffixes; to_q/to_k/to_v/to_out.0 = all attention projections)")
-    init_lora_weights: bool | str = _field(True, "true (B = 0: starts as the base model) or 'gaussian'")
+    target_modules: list[str] = _field(DEFAULT_TARGET_MODULES, "transformer Linear modules to adapt (name suffixes); "
+                                                               "the default covers self-attention and both "
+                                                               "cross-attentions")
+    init_lora_weights: bool | str = _field(True, "`true`: B = 0, so training starts exactly at the base model; "
+                                                 "`gaussian`")
     use_dora: bool = _field(False, "DoRA (weight-decomposed LoRA)")
     use_rslora: bool = _field(False, "rank-stabilised scaling alpha / sqrt(rank)")
     transformer: bool = _field(True, "put a LoRA on the transformer (the usual choice)")
@@ -97,42 +104,52 @@ class DataConfig:
     """Where the scenes come from and how batches are formed."""
 
     root: str = _field("data/midi-scenes", "dataset root: a prepare_data.py output (manifest.json) or a 3D-Front root")
-    train_split: str = _field("train", "split used for training: train, val, test or all")
+    train_split: str = _field("train", "split to train on (`train`, `val`, `test`, `all`)")
     val_split: str = _field("val", "split used for validation loss and previews")
     synthetic_if_missing: int = _field(0, "if data.root does not exist, write this many synthetic scenes there "
-                                       "first (0 = off: a missing root is an error)")
+                                       "first (0 = off: a missing root is an error). A config file's value only "
+                                       "applies to its own data.root: with --data.root pass it again")
     image_size: int = _field(512, "side of the square images the scenes are resized to before the encoders' preprocessing")
     num_surface_points: int = _field(20480, "surface points (xyz + normal) per object fed to the VAE encoder")
     background: list[float] = _field([1.0, 1.0, 1.0], "RGB in [0, 1] outside the instance masks (upstream: white)")
     min_mask_fraction: float = _field(0.001, "drop instances whose mask covers at most this fraction of the image")
-    max_num_instances: int = _field(10, "keep at most this many instances per scene (a seeded random subset)")
-    batching: Literal["packed", "padded"] = _field("packed", "packed: scenes back to back, no padding rows; "
-                                                   "padded: upstream's layout, every scene duplicated to num_instances_per_batch rows")
-    num_instances_per_batch: int | None = _field(None, "rows per scene in padded mode (null = data.max_num_instances)")
+    max_num_instances: int = _field(10, "keep at most this many instances per scene (a seeded random subset per draw)")
+    batching: Literal["packed", "padded"] = _field("packed", "`packed`: scenes back to back, no padding rows. "
+                                                             "`padded`: upstream's layout, every scene filled with "
+                                                             "duplicate instances up to "
+                                                             "`data.num_instances_per_batch` rows (duplicates attend "
+                                                             "alone)")
+    num_instances_per_batch: int | None = _field(None, "rows per scene in padded mode (null = "
+                                                       "`data.max_num_instances`)")
     bucket_by_instances: bool = _field(False, "group scenes with similar instance counts into the same batch (packed mode)")
-    max_tokens_per_batch: int | None = _field(None, "cap on latent tokens (instances x tokens) per batch; "
-                                              "batches then hold up to train.batch_size scenes (packed mode)")
-    num_workers: int = _field(2, "DataLoader worker processes per GPU (0 = load in the training process)")
+    max_tokens_per_batch: int | None = _field(None, "cap on latent tokens per batch (instances x tokens per instance,"
+                                                    " 2048 for MIDI); batches then hold up to `train.batch_size` "
+                                                    "scenes; a scene over the cap trains alone (packed mode)")
+    num_workers: int = _field(2, "DataLoader worker processes per process (0 = load in the training process)")
 
 
 @dataclass
 class CacheConfig:
     """Precomputed frozen-model outputs (VAE posteriors, image embeddings) on disk."""
 
-    enabled: bool = _field(False, "cache VAE posteriors (mean, logvar) and image embeddings; reused across runs")
-    dir: str = _field("outputs/cache", "cache folder (entries are keyed by file and model hashes, so it can be shared)")
-    num_surface_subsamples: int = _field(4, "surface subsets encoded per object; one is drawn per step")
+    enabled: bool = _field(False, "precompute what the frozen models produce: VAE posteriors (mean, logvar) per "
+                                  "object and CLIP/DINOv2 embeddings per view, on disk, reused across runs")
+    dir: str = _field("outputs/cache", "cache folder; entries are keyed by the files' path+size+mtime, a hash of the "
+                                       "model weights and the sample settings, so one folder can serve many runs")
+    num_surface_subsamples: int = _field(4, "surface subsets encoded per object; one is drawn per step (without the "
+                                            "cache every step draws a new subset)")
 
 
 @dataclass
 class ObjectiveConfig:
     """The rectified-flow objective (upstream-facts 5.3)."""
 
-    timestep_sampling: str = _field("logit_normal", "density of sigma: logit_normal (= logit_normal_dist), mode or uniform")
+    timestep_sampling: str = _field("logit_normal", "density of sigma: `logit_normal` (= MIDI's `logit_normal_dist`),"
+                                                    " `mode`, `uniform`; the scheduler's shift is applied on top")
     logit_mean: float = _field(0.0, "mean of the logit-normal density")
     logit_std: float = _field(1.0, "std of the logit-normal density")
     mode_scale: float = _field(1.29, "scale of the 'mode' density")
-    loss_weighting: str = _field("none", "per-sample loss weight: none (MIDI), sigma_sqrt or cosmap")
+    loss_weighting: str = _field("none", "per-sample loss weight: `none` (MIDI), `sigma_sqrt`, `cosmap`")
     condition_drop_prob: float = _field(0.1, "probability per scene of replacing both image conditions by zeros "
                                         "(what classifier-free guidance uses as the negative)")
     sample_posterior: bool = _field(True, "x0 = a sample of the VAE posterior (true) or its mean (false)")
@@ -142,14 +159,14 @@ class ObjectiveConfig:
 class OptimizerConfig:
     """Optimizer, learning-rate schedule and clipping."""
 
-    name: Literal["adamw", "adamw_8bit"] = _field("adamw", "adamw, or adamw_8bit (needs bitsandbytes)")
+    name: Literal["adamw", "adamw_8bit"] = _field("adamw", "`adamw`, or `adamw_8bit` (bitsandbytes, CUDA)")
     learning_rate: float = _field(1e-4, "peak learning rate")
     betas: list[float] = _field([0.9, 0.999], "AdamW betas")
     weight_decay: float = _field(0.01, "AdamW weight decay")
     eps: float = _field(1e-8, "AdamW epsilon")
     max_grad_norm: float | None = _field(1.0, "clip the gradient norm to this (null = no clipping; the norm is still logged)")
     lr_scheduler: str = _field("cosine", "schedule: " + ", ".join(LR_SCHEDULERS))
-    lr_warmup_steps: int = _field(100, "linear warm-up steps")
+    lr_warmup_steps: int = _field(100, "linear warm-up (from 0) over this many optimizer steps")
 
 
 @dataclass
@@ -157,52 +174,64 @@ class TrainConfig:
     """The run: output folder, batch, length, precision."""
 
     output_dir: str = _field("outputs/midi-lora", "run folder: config, logs, checkpoints, lora-final/")
-    seed: int = _field(42, "seed of everything (data order, noise, sigmas, dropout)")
-    batch_size: int = _field(4, "scenes per process per micro-step")
+    seed: int = _field(42, "seeds the data order, views, subsets, sigmas, noise, condition dropout and LoRA dropout")
+    batch_size: int = _field(4, "scenes per process per micro-step (all their instances)")
     gradient_accumulation_steps: int = _field(1, "micro-steps per optimizer step")
     max_steps: int | None = _field(None, "optimizer steps to run (null = train.num_epochs epochs)")
     num_epochs: int = _field(100, "epochs to run when train.max_steps is null")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _field(
-        "auto", "auto = bf16 on GPUs that support it, else fp32; fp16 needs a GPU")
+        "auto", "`auto` = bf16 on GPUs that have it, fp32 otherwise; `no`, `bf16`, `fp16` (GPU only). Frozen weights "
+                "are stored in that dtype, LoRA weights stay fp32; the VAE is always fp32")
     allow_tf32: bool = _field(True, "allow TF32 matmuls on Ampere+ GPUs")
-    max_consecutive_nonfinite: int = _field(5, "stop (with an emergency checkpoint) after this many non-finite steps in a row")
+    max_consecutive_nonfinite: int = _field(5, "a step with a non-finite loss or gradient is skipped (no update) and "
+                                               "counted; after this many in a row training stops with an emergency "
+                                               "checkpoint")
 
 
 @dataclass
 class CheckpointingConfig:
     """Checkpoints (full training state + the adapter in its final format)."""
 
-    every_n_steps: int = _field(500, "save output_dir/checkpoint-N every N optimizer steps")
+    every_n_steps: int = _field(500, "write `checkpoint-N/` every N optimizer steps (and at the last step)")
     checkpoints_total_limit: int | None = _field(3, "keep only the newest N checkpoints (null = keep all)")
     resume_from_checkpoint: str | None = _field(None, "latest, a checkpoint folder, or null (also --resume_from_checkpoint)")
     verify_exports: bool = _field(False, "also reload every checkpoint's adapter through the inference path "
-                                  "(lora-final/ is always checked)")
+                                         "(`lora-final/` is always checked)")
 
 
 @dataclass
 class ValidationConfig:
     """Validation loss and preview generation."""
 
-    every_n_steps: int = _field(500, "validation loss every N steps (0 = off); also decides best/")
+    every_n_steps: int = _field(500, "validation loss every N steps and at the end (0 = off); the best one is "
+                                     "exported to `best/`")
     num_scenes: int = _field(8, "validation scenes (the first N of data.val_split)")
-    sigmas: list[float] = _field([0.1, 0.3, 0.5, 0.7, 0.9], "fixed noise levels of the validation loss")
+    sigmas: list[float] = _field([0.1, 0.3, 0.5, 0.7, 0.9], "fixed noise levels; with fixed noise and the posterior "
+                                                            "mean the number is deterministic")
     seed: int = _field(0, "seed of the validation noise (the same every time)")
-    preview_every_n_steps: int = _field(1000, "generate preview meshes every N steps (0 = off)")
+    preview_every_n_steps: int = _field(1000, "generate meshes for a few val scenes every N steps and at the end (0 ="
+                                              " off)")
     num_preview_scenes: int = _field(2, "scenes generated for previews")
     num_inference_steps: int = _field(50, "sampler steps of the previews")
     guidance_scale: float = _field(7.0, "classifier-free guidance of the previews")
-    octree_depth: int = _field(8, "preview decoding grid: 2^depth + 1 points per axis")
-    preview_image_size: int = _field(256, "side of the rendered preview images")
+    octree_depth: int = _field(8, "decoding grid, 2^depth + 1 points per axis (8 is the inference default; lower is "
+                                  "faster)")
+    preview_image_size: int = _field(256, "rendered preview size; previews show input image and rendered meshes side "
+                                          "by side")
 
 
 @dataclass
 class LoggingConfig:
     """Trackers and console output."""
 
-    report_to: Literal["tensorboard", "wandb", "none"] = _field("tensorboard", "tracker (wandb needs the wandb package)")
+    report_to: Literal["tensorboard", "wandb", "none"] = _field("tensorboard", "`tensorboard`, `wandb` (needs wandb) or "
+                                                                               "`none`")
     logging_dir: str = _field("logs", "tracker folder, relative to train.output_dir")
     project_name: str = _field("midi-lora", "tracker project / run group name")
-    log_every_n_steps: int = _field(10, "log loss, lr, grad norm, throughput and memory every N steps")
+    log_every_n_steps: int = _field(10, "log `train/loss`, `train/lr`, `train/grad_norm`, `train/scenes_per_s`, "
+                                        "`train/latent_tokens_per_s`, `train/peak_memory_gb`, `train/epoch`, "
+                                        "`train/nonfinite_steps` (plus `val/loss` and preview images on their own "
+                                        "cadence)")
     progress_bar: bool = _field(True, "tqdm progress bar with loss and ETA (main process)")
 
 
@@ -312,13 +341,16 @@ def _coerce_scalar(value: Any, hint: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None and not math.isfinite(number):  # YAML's .nan/.inf: no key means anything by them
+            raise ValueError(f"must be a finite number, got {value!r}")
+        if number is not None:
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -431,7 +463,15 @@ def load_config(
     problems += parse_problems
     _apply(cfg, pairs, problems)
     problems += _merge(problems, validate(cfg))
+    given = {key for key, _ in pairs}
     if environment:
+        if {"data.root"} <= given and "data.synthetic_if_missing" not in given and cfg.data.synthetic_if_missing:
+            # The file's synthetic set belongs to the file's root: a mistyped --data.root must not get one.
+            cfg.data.synthetic_if_missing = 0
+            if not Path(cfg.data.root).exists():
+                problems.append(f"data.root: {cfg.data.root} does not exist (the config's data.synthetic_if_missing "
+                                "applies only to its own data.root; add --data.synthetic_if_missing N to write a "
+                                "synthetic set there)")  # fmt: skip
         problems += _merge(problems, check_environment(cfg))
     if problems:
         raise ConfigError(problems, str(path) if path is not None else None)
@@ -683,6 +723,26 @@ def config_to_yaml(cfg: TrainingConfig, comments: bool = False) -> str:
             text = yaml.safe_dump({key: value}, default_flow_style=True, width=10**6).strip()[1:-1]
             lines.append(f"  {text}  # {key_doc(f'{section}.{key}')}")
     return "\n".join(lines) + "\n"
+
+
+def render_key_tables(cfg: TrainingConfig) -> str:
+    """TRAINING_README's key tables (Markdown): every key with its value in ``cfg`` and its doc.
+
+    The README shows them for :data:`DEFAULT_CONFIG` and a test keeps them equal, so the schema
+    docs and the default config are the one source of both.
+    """
+
+    def show(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:g}"
+        text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+        return text if value is None or isinstance(value, bool | int) else f"`{text}`"
+
+    out = []
+    for section, body in config_to_dict(cfg).items():
+        out += [f"### {section}", "", "| key | default | meaning |", "| --- | --- | --- |"]
+        out += [f"| `{section}.{k}` | {show(v)} | {key_doc(f'{section}.{k}')} |" for k, v in body.items()] + [""]
+    return "\n".join(out)
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> TrainingConfig:

@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -632,7 +634,7 @@ class Plan:
 
 
 _PEAK = re.compile(r"peak\s+memory\s*:\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B)\b", re.IGNORECASE)
-_STEP = re.compile(r"step\s+time\b[^:\n]*:\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s)\b", re.IGNORECASE)
+_STEP = re.compile(r"step\s+time\b[^:\n]*:\s*(?:median\s+)?([0-9]+(?:\.[0-9]+)?)\s*(ms|s)\b", re.IGNORECASE)
 _OOM = re.compile(r"out of memory|OutOfMemoryError|Cannot allocate memory|std::bad_alloc|MemoryError", re.IGNORECASE)
 
 
@@ -653,10 +655,20 @@ def parse_dry_run(text: str) -> tuple[float, float] | None:
     return float(value) * bytes_per_unit / 2**30, float(seconds) / (1000.0 if sunit.lower() == "ms" else 1.0)
 
 
-def classify_dry_run(returncode: int, output: str) -> Measurement:
-    """Turns a finished dry run (exit code + combined output) into a :class:`Measurement`."""
+def read_dry_run_json(path: str | os.PathLike[str]) -> tuple[float, float] | None:
+    """``(peak memory in GiB, median step time in s)`` from a ``--dry_run_json`` report, or None."""
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+        return float(report["peak_memory_gib"]), float(report["step_seconds_median"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def classify_dry_run(returncode: int, output: str, report: tuple[float, float] | None = None) -> Measurement:
+    """Turns a finished dry run (exit code, combined output, its JSON report) into a :class:`Measurement`;
+    the text is parsed only when there is no report."""
     if returncode == 0:
-        parsed = parse_dry_run(output)
+        parsed = report or parse_dry_run(output)
         if parsed is None:
             return Measurement("unparsed", detail=_tail(output))
         return Measurement("ok", parsed[0], parsed[1])
@@ -669,9 +681,11 @@ def _tail(text: str, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def dry_run_command(config: str | os.PathLike[str], c: Candidate, base_alpha_ratio: float) -> list[str]:
-    """The ``train_lora.py --dry_run`` command measuring one candidate."""
+def dry_run_command(config: str | os.PathLike[str], c: Candidate, base_alpha_ratio: float,
+                    report: str | os.PathLike[str] | None = None) -> list[str]:  # fmt: skip
+    """The ``train_lora.py --dry_run`` command measuring one candidate (writing its JSON report to ``report``)."""
     return [sys.executable, str(REPO_ROOT / TRAIN_SCRIPT), "--config", str(config), "--dry_run",
+            *(["--dry_run_json", str(report)] if report else []),
             "--train.batch_size", str(c.batch_size), "--lora.rank", str(c.rank),
             "--lora.alpha", repr(float(c.rank * base_alpha_ratio)),
             "--model.gradient_checkpointing", "true" if c.gradient_checkpointing else "false",
@@ -686,14 +700,16 @@ def subprocess_measure(config: str | os.PathLike[str], gpus: int, alpha_ratio: f
         env["CUDA_VISIBLE_DEVICES"] = ""  # measure where the run will train
 
     def measure(c: Candidate) -> Measurement:
-        try:
-            proc = subprocess.run(dry_run_command(config, c, alpha_ratio), cwd=REPO_ROOT, env=env, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)  # fmt: skip
-        except subprocess.TimeoutExpired:
-            return Measurement("failed", detail=f"the dry run took more than {timeout:g} s")
-        if proc.returncode in (130, -2):
-            raise KeyboardInterrupt
-        return classify_dry_run(proc.returncode, proc.stdout)
+        with tempfile.TemporaryDirectory(prefix="midi-dry-run-") as folder:
+            report = Path(folder) / "report.json"
+            try:
+                proc = subprocess.run(dry_run_command(config, c, alpha_ratio, report), cwd=REPO_ROOT, env=env,
+                                      text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)  # fmt: skip
+            except subprocess.TimeoutExpired:
+                return Measurement("failed", detail=f"the dry run took more than {timeout:g} s")
+            if proc.returncode in (130, -2):
+                raise KeyboardInterrupt
+            return classify_dry_run(proc.returncode, proc.stdout, read_dry_run_json(report))
 
     return measure
 

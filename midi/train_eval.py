@@ -9,7 +9,10 @@ input image.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +72,20 @@ def render_meshes(meshes: list, image_size: int) -> np.ndarray:
     return render_scene([m for _, m in present], Camera(), image_size, colours=colours).rgb
 
 
+@contextlib.contextmanager
+def eval_mode(pipe) -> Iterator[None]:
+    """Runs the pipeline's models in eval mode (LoRA dropout off) and restores each one's mode after."""
+    models = [getattr(pipe, n) for n in ("transformer", "image_encoder_1", "image_encoder_2", "vae")]
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
 @torch.no_grad()
 def generate_preview(pipe, record: SceneRecord, settings: SampleSettings, cfg, seed: int) -> tuple[np.ndarray, list]:
     """Generates one val scene with the pipeline and renders it next to its input image.
@@ -87,11 +104,13 @@ def generate_preview(pipe, record: SceneRecord, settings: SampleSettings, cfg, s
                                                         sample.scene_image)  # fmt: skip
     device = pipe.transformer.device
     generator = torch.Generator(device=device).manual_seed(seed)
-    latents = pipe(images, masks, [scene] * count, num_inference_steps=v.num_inference_steps,
-                   guidance_scale=v.guidance_scale, generator=generator,
-                   attention_kwargs={"num_instances": count}, output_type="latent").samples  # fmt: skip
-    with torch.autocast(torch.device(device).type, enabled=False):  # the VAE decodes in float32, not the outer bf16
-        fields, grid_sizes, bbox_sizes, bbox_mins, _ = pipe.decode_latents(latents.float(), octree_depth=v.octree_depth)
+    with eval_mode(pipe):  # in train mode LoRA dropout would perturb every denoising step
+        latents = pipe(images, masks, [scene] * count, num_inference_steps=v.num_inference_steps,
+                       guidance_scale=v.guidance_scale, generator=generator,
+                       attention_kwargs={"num_instances": count}, output_type="latent").samples  # fmt: skip
+        with torch.autocast(torch.device(device).type, enabled=False):  # the VAE decodes in float32, not the outer bf16
+            fields, grid_sizes, bbox_sizes, bbox_mins, _ = pipe.decode_latents(latents.float(),
+                                                                               octree_depth=v.octree_depth)  # fmt: skip
     meshes = [marching_cubes_mesh(f.float().cpu(), grid_sizes[0], bbox_mins[0], bbox_sizes[0]) for f in fields]
     size = v.preview_image_size
     rendered = render_meshes(meshes, size)
@@ -104,16 +123,23 @@ def write_previews(pipe, records: list[SceneRecord], settings: SampleSettings, c
     """Generates, saves (PNG + GLB under ``previews/step-N/``) and returns the preview images."""
     import trimesh
 
-    folder = output_dir / "previews" / f"step-{step}"
-    folder.mkdir(parents=True, exist_ok=True)
+    from midi.trainer import cleaned_on_failure
+
+    final = output_dir / "previews" / f"step-{step}"
+    folder = final.with_name(f"{final.name}.tmp")  # published whole (a full disk leaves no half-written previews)
     images = {}
-    for i, record in enumerate(records[: cfg.validation.num_preview_scenes]):
-        image, meshes = generate_preview(pipe, record, settings, cfg, seed=cfg.validation.seed + i)
-        PIL.Image.fromarray(image).save(folder / f"{record.scene_id}.png")
-        present = [m for m in meshes if m is not None]
-        if present:
-            trimesh.Scene(present).export(folder / f"{record.scene_id}.glb")
-        images[f"preview/{record.scene_id}"] = image
+    with cleaned_on_failure(folder.parent, f"previews/{final.name}"):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for i, record in enumerate(records[: cfg.validation.num_preview_scenes]):
+            image, meshes = generate_preview(pipe, record, settings, cfg, seed=cfg.validation.seed + i)
+            PIL.Image.fromarray(image).save(folder / f"{record.scene_id}.png")
+            present = [m for m in meshes if m is not None]
+            if present:
+                trimesh.Scene(present).export(folder / f"{record.scene_id}.glb")
+            images[f"preview/{record.scene_id}"] = image
+        shutil.rmtree(final, ignore_errors=True)
+        folder.rename(final)
     return images
 
 

@@ -19,15 +19,18 @@ run never leaves a half-written checkpoint or adapter.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import re
 import resource
 import shutil
+import statistics
 import time
+import zipfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,7 @@ import torch
 
 from midi.config import TrainingConfig, config_to_dict, config_to_yaml
 from midi.data.atomic import write_text
-from midi.lora import METADATA_FILE, export_lora, read_lora
+from midi.lora import METADATA_FILE, AdapterError, export_lora, read_lora
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ class TrainerState:
     best_step: int | None = None
     nonfinite_steps: int = 0
     consecutive_nonfinite: int = 0
+    nonfinite_scenes: list[str] = field(default_factory=list)  # scenes with a non-finite loss in the current run of bad steps
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainerState:
@@ -87,6 +91,52 @@ def replace_dir(tmp: Path, target: Path) -> None:
         os.replace(target, old)
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# Temporary names of this module, midi.lora and midi.data.atomic: <name>.tmp, <name>.tmp-<id>, .<name>.old-<pid>.
+_STALE = re.compile(r"\.tmp(-\w+)?$|^\..+\.old-\d+$")
+
+
+def remove_stale(output_dir: Path) -> list[str]:
+    """Removes what a killed or failed run left in ``output_dir``: temporary files and folders, and
+    checkpoints without their completion marker (a rotation killed half way). Returns the names."""
+    removed = []
+    for path in sorted(Path(output_dir).glob("*")) if Path(output_dir).is_dir() else []:
+        half_deleted = re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", path.name) and not (path / STATE_FILE).is_file()
+        if _STALE.search(path.name) or half_deleted:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+def write_failure(exc: BaseException, path: Path, what: str) -> TrainingError | None:
+    """One error line for a failed write (full disk, I/O error); None when ``exc`` is something else."""
+    if isinstance(exc, OSError):
+        where, reason = exc.filename or path, exc.strerror or str(exc)
+    elif isinstance(exc, RuntimeError) and ("inline_container.cc" in str(exc) or "PytorchStreamWriter" in str(exc)):
+        # torch.save reports a full disk as "[enforce fail at inline_container.cc:672] . unexpected pos ..." or
+        # "... PytorchStreamWriter failed writing file ...", without an errno.
+        full = shutil.disk_usage(Path(path).parent).free < 2**26
+        where, reason = path, os.strerror(errno.ENOSPC) if full else " ".join(str(exc).split())
+    else:
+        return None
+    return TrainingError(f"{where}: {reason} ({what} not written; earlier checkpoints and adapters are intact)")
+
+
+@contextlib.contextmanager
+def cleaned_on_failure(output_dir: Path, what: str) -> Iterator[None]:
+    """Removes the partial output of a failed write and turns a write failure into one error line."""
+    try:
+        yield
+    except BaseException as exc:
+        remove_stale(output_dir)
+        error = write_failure(exc, output_dir, what)
+        if error is None:
+            raise
+        raise error from None
 
 
 def write_run_config(cfg: TrainingConfig, folder: Path) -> None:
@@ -143,6 +193,7 @@ def rotate_checkpoints(output_dir: Path, limit: int | None) -> list[Path]:
     found = list_checkpoints(output_dir)
     doomed = [path for _, path in found[: max(0, len(found) - limit)]]
     for path in doomed:
+        (path / STATE_FILE).unlink(missing_ok=True)  # first: a folder that is only half deleted no longer counts as finished
         shutil.rmtree(path, ignore_errors=True)
     return doomed
 
@@ -272,10 +323,11 @@ def export_adapter(pipe, target: Path, cfg: TrainingConfig, state: TrainerState,
             left in ``<target>.unverified`` for inspection.
     """
     tmp = target.with_name(f"{target.name}.tmp")
-    export_lora(pipe, tmp, mi_blocks, extra_metadata=adapter_metadata(cfg, state))
-    write_run_config(cfg, tmp)
-    for name, text in (extra_files or {}).items():
-        atomic_write_text(tmp / name, text)
+    with cleaned_on_failure(target.parent, target.name):
+        export_lora(pipe, tmp, mi_blocks, extra_metadata=adapter_metadata(cfg, state))
+        write_run_config(cfg, tmp)
+        for name, text in (extra_files or {}).items():
+            atomic_write_text(tmp / name, text)
     if verify:
         check = verify_export(pipe, tmp, cfg, dtype)
         metadata = json.loads((tmp / METADATA_FILE).read_text())
@@ -345,11 +397,13 @@ class CheckpointManager:
         if acc.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
+        with cleaned_on_failure(self.output_dir, final.name):
+            acc.save_state(str(tmp))
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                write_run_config(self.cfg, tmp)
+                atomic_write_text(tmp / STATE_FILE, json.dumps(asdict(state), indent=2) + "\n")
         if acc.is_main_process:
-            write_run_config(self.cfg, tmp)
-            atomic_write_text(tmp / STATE_FILE, json.dumps(asdict(state), indent=2) + "\n")
             if self.cfg.checkpointing.verify_exports:
                 check = verify_export(self.pipe, tmp / ADAPTER_SUBDIR, self.cfg, self.dtype)
                 if not check["ok"]:
@@ -380,9 +434,41 @@ class CheckpointManager:
             state = TrainerState.from_dict(json.loads((folder / STATE_FILE).read_text(encoding="utf-8")))
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             raise TrainingError(f"{folder / STATE_FILE}: unreadable trainer state ({exc})") from None
-        self.accelerator.load_state(str(folder))
+        check_state_files(folder, self.accelerator.process_index)
+        try:
+            self.accelerator.load_state(str(folder))
+        except (TrainingError, AdapterError, OSError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - any other failure inside accelerate: one line naming the folder
+            raise TrainingError(f"{folder}: cannot restore the training state ({_first_line(exc)})") from None
         self._state = state
         return state
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def check_state_files(folder: Path, process_index: int) -> None:
+    """Refuses a checkpoint whose RNG state does not load or whose torch files are cut short.
+
+    accelerate would go on silently with other RNG states (so the run would not continue exactly)
+    or fail deep inside ``torch.load`` without naming the file.
+
+    Raises:
+        TrainingError: naming the file.
+    """
+    from accelerate.utils.other import load  # accelerate's own loader: weights_only, numpy arrays allowed
+
+    rng = folder / f"random_states_{process_index}.pkl"
+    try:
+        load(rng)
+    except Exception as exc:  # noqa: BLE001 - missing, truncated or a pickle that weights_only refuses
+        raise TrainingError(f"{rng}: refused ({_first_line(exc)}); without this process's RNG state the run would "
+                            "not continue exactly; resume from another checkpoint") from None  # fmt: skip
+    for path in sorted(p for p in folder.iterdir() if p.suffix in (".bin", ".pkl", ".pt")):
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip whose directory is at the end
+            raise TrainingError(f"{path}: truncated or not a torch file; resume from another checkpoint")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -444,26 +530,45 @@ def tracker_config(cfg: TrainingConfig) -> dict[str, Any]:
     return flat
 
 
-def format_dry_run(cfg: TrainingConfig, device: torch.device, num_processes: int, mixed_precision: str,
-                   trainable: dict[str, int], step_seconds: float, peak_bytes: int, batches_per_epoch: int,
-                   rows_per_batch: int, num_tokens: int, max_steps: int, num_scenes: int) -> str:  # fmt: skip
-    """The ``--dry_run`` report: sizes, measured step time and memory, and time estimates."""
-    total = sum(trainable.values())
-    accum = cfg.train.gradient_accumulation_steps
-    steps_per_epoch = max(1, batches_per_epoch / (num_processes * accum))
-    memory = "CUDA allocator peak" if device.type == "cuda" else "peak resident memory of the process"
+def dry_run_report(cfg: TrainingConfig, device: torch.device, num_processes: int, mixed_precision: str,
+                   trainable: dict[str, int], step_seconds: list[float], warmup_steps: int, peak_bytes: int,
+                   batches_per_epoch: int, rows_per_batch: int, num_tokens: int, max_steps: int,
+                   num_scenes: int) -> dict[str, Any]:  # fmt: skip
+    """The ``--dry_run`` measurements and estimates as plain values (also written by ``--dry_run_json``)."""
+    times, median = sorted(step_seconds), statistics.median(step_seconds)
+    steps_per_epoch = max(1.0, batches_per_epoch / (num_processes * cfg.train.gradient_accumulation_steps))
+    return {"device": str(device), "num_processes": num_processes, "mixed_precision": mixed_precision,
+            "model": cfg.model.pretrained_model_name_or_path, "num_tokens": num_tokens,
+            "trainable_parameters": sum(trainable.values()), "trainable_by_model": trainable,
+            "num_scenes": num_scenes, "batches_per_epoch": batches_per_epoch, "rows_per_batch": rows_per_batch,
+            "warmup_steps": warmup_steps, "timed_steps": len(times), "step_seconds": list(step_seconds),
+            "step_seconds_median": median, "step_seconds_min": times[0], "step_seconds_max": times[-1],
+            "peak_memory_gib": peak_bytes / 2**30, "steps_per_epoch": steps_per_epoch,
+            "epoch_seconds": steps_per_epoch * median, "max_steps": max_steps, "run_seconds": max_steps * median}
+
+
+def format_dry_run(cfg: TrainingConfig, report: dict[str, Any]) -> str:
+    """The ``--dry_run`` report: sizes, measured step time (median and spread) and memory, estimates."""
+    r, accum = report, cfg.train.gradient_accumulation_steps
+    memory = "CUDA allocator peak" if r["device"].startswith("cuda") else "peak resident memory of the process"
     lines = [
-        f"dry run on {device} ({num_processes} process(es)), mixed precision {mixed_precision}",
-        f"  model: {cfg.model.pretrained_model_name_or_path} ({num_tokens} latent tokens per instance)",
-        f"  trainable parameters: {total:,} ({', '.join(f'{k} {v:,}' for k, v in trainable.items())})",
-        f"  adapter size: {total * 4 / 2**20:.2f} MB in float32 (lora-final/ holds it twice: PEFT + custom_adapter)",
-        f"  data: {num_scenes} training scenes -> {batches_per_epoch} batches per epoch of up to "
-        f"{cfg.train.batch_size} scenes; measured batch: {rows_per_batch} instance rows",
-        f"  step time (data + forward + backward + optimizer, {accum} micro-step(s)): {step_seconds:.3f} s",
-        f"  peak memory: {peak_bytes / 2**30:.2f} GiB ({memory})",
-        f"  estimate: {_duration(steps_per_epoch * step_seconds)} per epoch ({steps_per_epoch:.0f} steps), "
-        f"{_duration(max_steps * step_seconds)} for {max_steps} steps (checkpoints and validation not included)",
+        f"dry run on {r['device']} ({r['num_processes']} process(es)), mixed precision {r['mixed_precision']}",
+        f"  model: {r['model']} ({r['num_tokens']} latent tokens per instance)",
+        f"  trainable parameters: {r['trainable_parameters']:,} "
+        f"({', '.join(f'{k} {v:,}' for k, v in r['trainable_by_model'].items())})",
+        f"  adapter size: {r['trainable_parameters'] * 4 / 2**20:.2f} MB in float32 (lora-final/ holds it twice: "
+        "PEFT + custom_adapter)",
+        f"  data: {r['num_scenes']} training scenes -> {r['batches_per_epoch']} batches per epoch of up to "
+        f"{cfg.train.batch_size} scenes; measured batch: {r['rows_per_batch']} instance rows",
+        f"  step time (data + forward + backward + optimizer, {accum} micro-step(s)): median "
+        f"{r['step_seconds_median']:.3f} s (min {r['step_seconds_min']:.3f}, max {r['step_seconds_max']:.3f} over "
+        f"{r['timed_steps']} steps after {r['warmup_steps']} warm-up)",
+        f"  peak memory: {r['peak_memory_gib']:.2f} GiB ({memory})",
+        f"  estimate: {_duration(r['epoch_seconds'])} per epoch ({r['steps_per_epoch']:.0f} steps), "
+        f"{_duration(r['run_seconds'])} for {r['max_steps']} steps (checkpoints and validation not included)",
     ]
+    if r["step_seconds_max"] > 2 * r["step_seconds_min"]:
+        lines.append("  note: step times vary by more than 2x (a busy machine?); the estimate uses the median")
     if cfg.cache.enabled:
         lines.append("  note: the dry run reads the files directly; the cache (cache.enabled) makes steps faster")
     return "\n".join(lines)

@@ -189,3 +189,36 @@ def test_print_config(capsys):
     assert train_lora.main(["--config", str(REPO / "configs" / "train" / "tiny.yaml"), "--print_config"]) == 0
     out = capsys.readouterr().out
     assert "pretrained_model_name_or_path: tiny  #" in out and out.count("\n") == len(all_keys()) + 10
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "nan", "inf"])
+def test_non_finite_numbers_are_refused(value):
+    assert _problems("--optimizer.learning_rate", value) == [f"optimizer.learning_rate: must be a finite number, got "
+                                                            f"{yaml.safe_load(value)!r}"]  # fmt: skip
+
+
+def test_a_mistyped_data_root_gets_no_synthetic_set(tmp_path, monkeypatch):
+    """tiny.yaml's synthetic_if_missing belongs to its own data.root; another root must exist or ask again."""
+    tiny = REPO / "configs" / "train" / "tiny.yaml"
+    monkeypatch.chdir(tmp_path)  # tiny.yaml's own root (outputs/tiny-data) is missing here: the demo still works
+    assert load_config(tiny, environment=True).data.synthetic_if_missing == 8
+    (line,) = [p for p in _problems("--data.root", str(tmp_path / "typo"), path=tiny, environment=True)
+               if p.startswith("data.root")]  # fmt: skip
+    assert "does not exist" in line and "--data.synthetic_if_missing" in line
+    asked = load_config(tiny, ["--data.root", "mine", "--data.synthetic_if_missing", "3"], environment=True)
+    assert (asked.data.root, asked.data.synthetic_if_missing) == ("mine", 3)
+
+
+def test_readme_key_tables_are_the_rendered_default_config(capsys):
+    """TRAINING_README's tables are rendered from the schema with the config a plain run loads,
+    and ``--help`` names that config."""
+    import train_lora
+    from midi.config import DEFAULT_CONFIG, render_key_tables
+
+    readme = (REPO / "TRAINING_README.md").read_text()
+    shown = readme.split("<!-- key tables: begin -->\n")[1].split("<!-- key tables: end -->")[0]
+    assert shown == render_key_tables(load_config(REPO / DEFAULT_CONFIG))
+    assert "| `model.pretrained_model_name_or_path` | `pretrained_weights/MIDI-3D` |" in shown
+    with pytest.raises(SystemExit):
+        train_lora.parse_args(["--help"])
+    assert f"default {DEFAULT_CONFIG}" in " ".join(capsys.readouterr().out.split())

@@ -576,3 +576,22 @@ def test_yes_trains_two_steps_with_the_printed_command(tmp_path):
     run = runs / "full"
     assert (run / "lora-final").is_dir() and (run / "checkpoint-2").is_dir()
     assert "Training finished" in proc.stdout and "<- chosen" in out
+
+
+def test_the_wizard_reads_the_dry_run_json_report_and_still_parses_the_text(tmp_path):
+    """The report ``train_lora.py --dry_run_json`` writes is what the wizard reads; the text stays parsable."""
+    import torch
+
+    from midi.config import load_config
+    from midi.data.atomic import write_json
+    from midi.trainer import dry_run_report, format_dry_run
+
+    cfg = load_config(REPO / "configs" / "train" / "tiny.yaml")
+    report = dry_run_report(cfg, torch.device("cpu"), 1, "no", {"transformer": 10}, [0.5, 0.2, 0.3], 1, 3 * 2**29,
+                            3, 5, 64, 60, 6)  # fmt: skip
+    write_json(tmp_path / "r.json", report)
+    assert qs.read_dry_run_json(tmp_path / "r.json") == pytest.approx((1.5, 0.3))  # the median, not the last step
+    assert qs.parse_dry_run(format_dry_run(cfg, report)) == pytest.approx((1.5, 0.3))
+    assert qs.classify_dry_run(0, "no text report", (1.5, 0.3)) == Measurement("ok", 1.5, 0.3)
+    assert qs.read_dry_run_json(tmp_path / "absent.json") is None
+    assert "--dry_run_json" in qs.dry_run_command("c.yaml", Candidate(2, 8, True), 1.0, tmp_path / "r.json")

@@ -262,7 +262,7 @@ def test_batching_modes_train(data_root, tmp_path, extra, capsys, monkeypatch):
     monkeypatch.setattr(training, "training_step", recording)
     assert _main(tiny_args(data_root, tmp_path / "run", "--dry_run", *extra)) == 0
     assert "step time" in capsys.readouterr().out
-    assert len(seen) == 2  # the dry run's two optimizer steps trained on real batches
+    assert len(seen) == train_lora.DRY_RUN_WARMUP_STEPS + train_lora.DRY_RUN_TIMED_STEPS  # real batches, each step
     for counts, rows, fixed in seen:
         if "padded" in extra:  # every scene padded (or capped) to exactly 5 rows
             assert fixed == 5 and rows == [5] * len(counts)

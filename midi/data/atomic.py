@@ -28,7 +28,8 @@ def tmp_path_for(path: Path) -> Path:
 def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
     """Opens a temporary sibling of ``path`` for writing and renames it onto ``path`` on success.
 
-    On any exception the temporary file is removed and ``path`` is left untouched.
+    On any exception the temporary file is removed and ``path`` is left untouched; an OSError
+    that names no file (``ENOSPC`` from ``write``) is re-raised naming ``path``.
 
     Args:
         path: Final file path.
@@ -47,8 +48,10 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # write()/fsync() errors (a full disk) name no file
+            raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from exc
         raise
 
 
