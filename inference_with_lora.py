@@ -175,7 +175,7 @@ def check_args(args: argparse.Namespace) -> list[tuple[str, Path, Path, Path]]:
     for _, rgb, seg, _ in jobs:
         prepare_scene(rgb, seg, input_options(args), log_notes=False)
     if args.lora_path is not None and not args.lora_path.exists():
-        raise InputError.at(args.lora_path, "LoRA path does not exist")
+        raise InputError("LoRA path does not exist", path=args.lora_path)
     check_model_path(args.pretrained_model_name_or_path)
     return jobs
 

@@ -49,8 +49,8 @@ import sys
 from pathlib import Path
 
 from midi.data.camera import Camera
-from midi.data.errors import DataError, UsageError
 from midi.data.images import parse_background
+from midi.errors import DataError, UsageError
 
 EXIT_OK, EXIT_SKIPPED, EXIT_USAGE = 0, 1, 2
 
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.05, help="normalise scenes into [-(1-m), 1-m]^3 (0.05)")
     p.add_argument("--views", type=int, default=1, help="rendered views per scene (1)")
     p.add_argument("--render", choices=("auto", "always", "never"), default="auto",
-                   help="render scenes without images (auto), always, or never")  # fmt: skip
+                   help="render scenes without images (auto), always, or never")
     p.add_argument("--elevation", type=float, default=30.0, help="camera elevation in degrees (30)")
     p.add_argument("--azimuth", type=float, default=45.0, help="azimuth of the first view in degrees (45)")
     p.add_argument("--distance", type=float, default=None, help="camera distance (fitted to the scene)")
@@ -121,7 +121,7 @@ def make_options(args: argparse.Namespace):  # -> PrepareOptions
         bound=1.0 - args.margin, views=args.views, camera=camera, background=background, render=args.render,
         seed=args.seed, single_object=args.single_object, val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
-    )  # fmt: skip
+    )
 
 
 def run_check(args: argparse.Namespace) -> int:

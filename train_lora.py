@@ -33,15 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from midi.config import (
-    DEFAULT_CONFIG,
-    ConfigError,
-    TrainingConfig,
-    config_to_yaml,
-    load_config,
-    training_device_is_cpu,
-)
-from midi.data.errors import DataError, UsageError
+from midi.config import DEFAULT_CONFIG, TrainingConfig, config_to_yaml
+from midi.config_load import load_config, training_device_is_cpu
+from midi.errors import MidiError, TrainingError
 
 logger = logging.getLogger("train_lora")
 
@@ -55,7 +49,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                         help="continue a run: 'latest' checkpoint of train.output_dir, or a checkpoint folder")
     parser.add_argument("--dry_run", action="store_true",
                         help="validate, build, time real training steps at the configured size, print "
-                             "memory and estimates, write nothing, exit")  # fmt: skip
+                             "memory and estimates, write nothing, exit")
     parser.add_argument("--dry_run_json", metavar="PATH", help="with --dry_run: also write the report as JSON to PATH")
     parser.add_argument("--print_config", action="store_true", help="print the resolved config with key docs and exit")
     args, overrides = parser.parse_known_args(argv)
@@ -90,14 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The project's error classes: bad input, not a bug (printed as ``error: ...``, exit code 2)."""
-    errors: list[type[BaseException]] = [ConfigError, DataError, UsageError]
-    if "midi.trainer" in sys.modules:
-        from midi.lora import AdapterError
-        from midi.pipelines.loading import PipelineLoadError
-        from midi.trainer import TrainingError
-
-        errors += [TrainingError, AdapterError, PipelineLoadError]
-    return tuple(errors)
+    return (MidiError,)
 
 
 # ----------------------------------------------------------------------------- build
@@ -161,9 +148,9 @@ def build(cfg: TrainingConfig, dry_run: bool) -> Run:
     model, optimizer, lr_scheduler = accelerator.prepare(FlowMatchingModel(pipe), optimizer, lr_scheduler)
     checkpoints = CheckpointManager(accelerator, pipe, cfg, output_dir, weight_dtype)
     logger.info("mixed precision %s, frozen weights %s, %d process(es), %d optimizer steps", mixed_precision,
-                weight_dtype, accelerator.num_processes, max_steps)  # fmt: skip
+                weight_dtype, accelerator.num_processes, max_steps)
     return Run(cfg, accelerator, pipe, model, optimizer, lr_scheduler, sampler, loader, train_set, val_set,
-               checkpoints, output_dir, weight_dtype, num_tokens, max_steps, setup.trainable_parameters(pipe))  # fmt: skip
+               checkpoints, output_dir, weight_dtype, num_tokens, max_steps, setup.trainable_parameters(pipe))
 
 
 def _build_data(cfg: TrainingConfig, pipe, accelerator, num_tokens: int, dry_run: bool):
@@ -184,13 +171,13 @@ def _build_data(cfg: TrainingConfig, pipe, accelerator, num_tokens: int, dry_run
         from midi.train_cache import prepare_cache
 
         cache = prepare_cache(cfg, pipe, accelerator, preprocessor, train_settings, num_tokens,
-                              train_records + val_records)  # fmt: skip
+                              train_records + val_records)
     train_set = td.SceneDataset(train_records, train_settings, preprocessor, cache)
     val_set = td.SceneDataset(val_records, td.SampleSettings.from_config(cfg.data, train=False), preprocessor, cache)
     d = cfg.data
     sampler = td.StreamBatchSampler(train_set.instance_counts(), cfg.train.batch_size, cfg.train.seed, num_tokens,
                                     d.max_tokens_per_batch, d.bucket_by_instances, accelerator.process_index,
-                                    accelerator.num_processes)  # fmt: skip
+                                    accelerator.num_processes)
     loader_args = dict(num_workers=d.num_workers, collate_fn=td.Collator(train_settings.pad_to),
                        pin_memory=accelerator.device.type == "cuda", generator=torch.Generator().manual_seed(0))
     loader = lambda: torch.utils.data.DataLoader(train_set, batch_sampler=sampler, **loader_args)  # noqa: E731
@@ -199,7 +186,7 @@ def _build_data(cfg: TrainingConfig, pipe, accelerator, num_tokens: int, dry_run
 
 def _setup_logging(main_process: bool) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO if main_process else logging.WARNING)  # fmt: skip
+                        level=logging.INFO if main_process else logging.WARNING)
     logging.getLogger("midi").setLevel(logging.INFO if main_process else logging.WARNING)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
     logger.setLevel(logging.INFO if main_process else logging.WARNING)
@@ -261,7 +248,7 @@ def train(r: Run, state) -> None:
     batches = iter(r.loader())
     meter = ThroughputMeter()
     bar = tqdm(total=r.max_steps, initial=state.global_step, desc="train", unit="step",
-               disable=not (acc.is_main_process and cfg.logging.progress_bar))  # fmt: skip
+               disable=not (acc.is_main_process and cfg.logging.progress_bar))
     r.model.train()
     first = True
     while state.global_step < r.max_steps:
@@ -299,7 +286,7 @@ def optimizer_step(r: Run, state, batches, meter) -> tuple[float, float, bool]:
         torch.manual_seed(seed)  # LoRA dropout: the same masks whether or not the run was resumed
         with acc.accumulate(r.model):
             out = training_step(r.model, r.pipe.vae, r.pipe.scheduler, batch, cfg.objective, r.num_tokens,
-                                torch.Generator().manual_seed(seed))  # fmt: skip
+                                torch.Generator().manual_seed(seed))
             # All processes must agree before backward, or DDP's gradient all-reduce would hang.
             finite = bool(acc.reduce(torch.isfinite(out.loss.detach()).float().reshape(1), "sum") == acc.num_processes)
             if finite:
@@ -355,15 +342,13 @@ def count_nonfinite(r: Run, state, skipped: bool) -> None:
     Raises:
         TrainingError: ``train.max_consecutive_nonfinite`` skipped steps in a row.
     """
-    from midi.trainer import TrainingError
-
     if not skipped:
         state.consecutive_nonfinite, state.nonfinite_scenes = 0, []
         return
     state.nonfinite_steps += 1
     state.consecutive_nonfinite += 1
     logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", state.global_step,
-                   state.consecutive_nonfinite)  # fmt: skip
+                   state.consecutive_nonfinite)
     if state.consecutive_nonfinite >= r.cfg.train.max_consecutive_nonfinite:
         path = r.checkpoints.save(state, name=f"emergency-{state.global_step}", rotate=False)
         scenes = state.nonfinite_scenes
@@ -371,7 +356,7 @@ def count_nonfinite(r: Run, state, skipped: bool) -> None:
                  "their data with prepare_data.py --check)" if scenes else "finite losses, non-finite gradients")
         raise TrainingError(f"stopped at step {state.global_step}: {state.consecutive_nonfinite} non-finite steps in a "
                             f"row (train.max_consecutive_nonfinite); {cause}; state saved to {path}; or lower "
-                            "optimizer.learning_rate or use train.mixed_precision: bf16/no")  # fmt: skip
+                            "optimizer.learning_rate or use train.mixed_precision: bf16/no")
 
 
 def on_step_end(r: Run, state, meter, grad_norm: float) -> None:
@@ -417,7 +402,7 @@ def validate(r: Run, state) -> None:
             if acc.is_main_process:
                 record = f'{{"step": {state.global_step}, "val_loss": {loss!r}}}\n'
                 export_adapter(r.pipe, r.output_dir / BEST_DIR, r.cfg, state, r.cfg.model.mi_blocks, verify=False,
-                               dtype=r.weight_dtype, extra_files={"best.json": record})  # fmt: skip
+                               dtype=r.weight_dtype, extra_files={"best.json": record})
     acc.wait_for_everyone()
 
 
@@ -466,7 +451,7 @@ def measure_dry_run(r: Run, report_path: str | None = None) -> str:
                             trainable=count_trainable(r.pipe), step_seconds=times[DRY_RUN_WARMUP_STEPS:],
                             warmup_steps=DRY_RUN_WARMUP_STEPS, peak_bytes=peak_memory_bytes(acc.device),
                             batches_per_epoch=r.sampler.epoch_length(0), rows_per_batch=rows, num_tokens=r.num_tokens,
-                            max_steps=r.max_steps, num_scenes=len(r.train_set))  # fmt: skip
+                            max_steps=r.max_steps, num_scenes=len(r.train_set))
     if report_path and acc.is_main_process:
         write_json(report_path, report)
     return format_dry_run(r.cfg, report)
@@ -481,9 +466,9 @@ def finish(r: Run, state) -> None:
     with full_parameters(acc, r.model):
         if acc.is_main_process:
             path = export_adapter(r.pipe, r.output_dir / FINAL_DIR, r.cfg, state, r.cfg.model.mi_blocks,
-                                  verify=True, dtype=r.weight_dtype)  # fmt: skip
+                                  verify=True, dtype=r.weight_dtype)
             logger.info("final adapter: %s (%d steps, %d skipped as non-finite)", path, state.global_step,
-                        state.nonfinite_steps)  # fmt: skip
+                        state.nonfinite_steps)
     acc.wait_for_everyone()
     acc.end_training()
 

@@ -38,14 +38,14 @@ def _args(data: Path, out: Path, opts: argparse.Namespace, *extra: str) -> list[
             "--data.num_surface_points", str(opts.num_points), "--data.num_workers", "0",
             "--train.output_dir", str(out), "--train.batch_size", str(opts.batch_size),
             "--train.max_steps", "1000", "--logging.report_to", "none", "--logging.progress_bar", "false",
-            "--cache.dir", str(out.parent / "cache"), *extra]  # fmt: skip
+            "--cache.dir", str(out.parent / "cache"), *extra]
 
 
 def _build(data: Path, out: Path, opts: argparse.Namespace, *extra: str):
     from accelerate.state import AcceleratorState, GradientState
 
     import train_lora
-    from midi.config import load_config
+    from midi.config_load import load_config
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -76,7 +76,7 @@ def bench_cache(opts: argparse.Namespace, work: Path) -> None:
     build_seconds = time.perf_counter() - start
     cached = _steps_per_second(cached_run, opts.steps)
     print(f"tiny model, {opts.scenes} scenes, batch {opts.batch_size}, {opts.image_size} px, {opts.num_points} points,"
-          f" {opts.steps} timed steps")  # fmt: skip
+          f" {opts.steps} timed steps")
     print(f"  without cache: {plain:.2f} steps/s")
     print(f"  with cache:    {cached:.2f} steps/s (one-off cache build incl. model setup: {build_seconds:.1f} s)")
     print(f"  speedup:       {cached / plain:.2f}x")
@@ -90,10 +90,10 @@ def bench_memory(opts: argparse.Namespace, work: Path) -> None:
         cmd = [sys.executable, __file__, "--_child", checkpointing, "--work", str(work), *_common(opts)]
         results[checkpointing] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     print(f"tiny model, batch {opts.batch_size} scenes ({results['true']['rows']} instance rows), {opts.steps} steps; "
-          f"{results['true']['what']}")  # fmt: skip
+          f"{results['true']['what']}")
     for key, label in (("false", "gradient checkpointing off"), ("true", "gradient checkpointing on")):
         print(f"  {label}: +{results[key]['extra_mib']:.0f} MiB peak during training, "
-              f"{results[key]['steps_per_s']:.2f} steps/s")  # fmt: skip
+              f"{results[key]['steps_per_s']:.2f} steps/s")
     del data
 
 
@@ -112,7 +112,7 @@ def _child(opts: argparse.Namespace, work: Path) -> None:
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes()
     batch = next(iter(run.loader()))
     print(json.dumps({"extra_mib": max(0, peak - before) / 2**20, "steps_per_s": rate, "what": what,
-                      "rows": batch.num_rows}))  # fmt: skip
+                      "rows": batch.num_rows}))
 
 
 def _rss_bytes() -> int:
@@ -130,13 +130,13 @@ def _dataset(opts: argparse.Namespace, work: Path) -> Path:
     root = work / "data"
     if not (root / "manifest.json").is_file():
         write_synthetic_dataset(root, num_scenes=opts.scenes, seed=0, image_size=opts.image_size,
-                                num_samples=opts.num_points, val_fraction=0.2)  # fmt: skip
+                                num_samples=opts.num_points, val_fraction=0.2)
     return root
 
 
 def _common(opts: argparse.Namespace) -> list[str]:
     return ["--steps", str(opts.steps), "--scenes", str(opts.scenes), "--batch_size", str(opts.batch_size),
-            "--image_size", str(opts.image_size), "--num_points", str(opts.num_points)]  # fmt: skip
+            "--image_size", str(opts.image_size), "--num_points", str(opts.num_points)]
 
 
 def main() -> None:

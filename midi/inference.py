@@ -39,60 +39,44 @@ the names given in a JSON mapping ``{"<label>": "name"}``.
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import logging
-import math
 import os
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+# Old import paths (transition: package B moves these callers to midi.config / midi.data.* / midi.errors).
+from midi.config import DEFAULT_MI_BLOCKS, DEFAULT_MODEL_DIR, RGB_SUFFIXES, check_model_path, is_tiny  # noqa: F401
+from midi.data.atomic import write_all
+from midi.data.images import (  # noqa: F401
+    IdMap,
+    Instance,
+    conditions_to_pil,
+    instance_images,
+    pad_to_square,
+    read_id_map,
+    read_rgb,
+    to_uint8,
+    upstream_padding,
+)
+from midi.errors import InputError, OutOfMemory, OutputError, one_line  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
 MESH_FORMATS = ("glb", "gltf", "obj", "ply", "stl")
 SINGLE_MESH_FORMATS = ("ply", "stl")
-DEFAULT_MODEL = "pretrained_weights/MIDI-3D"
-MIDI_MI_BLOCKS = ["blocks.8", "blocks.9", "blocks.10", "blocks.11", "blocks.12"]
+DEFAULT_MODEL = DEFAULT_MODEL_DIR
 DEFAULT_MAX_INSTANCES = 16
-FRINGE_FRACTION = 0.001  # RGB maps: colours covering less than 0.1 % of the image are fringe
-SOLID_FRACTION = 0.1  # RGB maps: an instance colour with fewer solid pixels than this share is interpolated
-SAVE_AS_PNG = "save the instance map as PNG (lossless, without anti-aliasing or resampling)"
-RGB_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-LABEL_MODES = ("P", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "1")
-DOWNLOAD_HINT = (
-    "download it with `hf download VAST-AI/MIDI-3D --local-dir pretrained_weights/MIDI-3D`, "
-    "or pass --pretrained_model_name_or_path tiny for a small random demo model"
-)
-
-
-class _FileError(Exception):
-    @classmethod
-    def at(cls, path: str | os.PathLike | None, problem: str):
-        """Builds the error for ``path`` (or without a file when None)."""
-        return cls(f"{path}: {problem}" if path is not None else problem)
-
-
-class InputError(_FileError):
-    """Bad user input; ``str()`` is ``"<file>: <problem>"`` (the CLI prints ``error: `` + it)."""
-
-
-class OutputError(_FileError):
-    """The outputs could not be written (none of the set is left); ``str()`` is ``"<file>: <problem>"``."""
-
-
-class OutOfMemory(Exception):
-    """The device (or host) ran out of memory; ``stage`` says where ("denoising", "surface extraction")."""
-
-    def __init__(self, stage: str):
-        super().__init__(f"out of memory during {stage}")
-        self.stage = stage
+Segmentation = IdMap  # old name (transition: package B renames it)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -103,40 +87,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text.lower() or "DefaultCPUAllocator" in text)
 
 
-def one_line(message: str, limit: int = 400) -> str:
-    """``message`` on one line (whitespace runs collapsed), cut to ``limit`` characters."""
-    text = " ".join(str(message).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 # ---------------------------------------------------------------------------------------- inputs
-@dataclass
-class Instance:
-    """One instance of a segmentation map.
-
-    Attributes:
-        label: its value in :attr:`Segmentation.labels`.
-        key: the label as text (``"3"``, or ``"ff0000"`` for an RGB map); used for names.
-        pixels: area in pixels.
-        name: node name (``instance_<key>`` unless a mapping names it).
-    """
-
-    label: int
-    key: str
-    pixels: int
-    name: str = ""
-
-
-@dataclass
-class Segmentation:
-    """A parsed instance map: labels ``(H, W)`` int64 (0 = background) and instances in order."""
-
-    labels: np.ndarray
-    instances: list[Instance]
-    kind: str  # "palette" | "grey" | "rgb" | "upstream-grey"
-    notes: list[str] = field(default_factory=list)
-
-
 @dataclass
 class SceneInput:
     """A validated scene: RGB image and segmentation of the same (square) size."""
@@ -151,117 +102,9 @@ class SceneInput:
         return [inst.name for inst in self.segmentation.instances]
 
 
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """Opens and fully decodes an image.
-
-    Raises:
-        InputError: missing, unreadable or corrupt file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError.at(path, "file not found" if not path.exists() else "not a file")
-    try:
-        image = Image.open(path)
-        image.load()
-    except Exception as exc:
-        raise InputError.at(path, f"cannot read image ({type(exc).__name__}: {exc})") from None
-    return image
-
-
-def read_rgb(path: str | os.PathLike, rgba: str = "white") -> Image.Image:
-    """Reads the scene image as RGB; transparency is composited on white (``rgba="upstream"``: alpha dropped)."""
-    image = open_image(path)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        array = np.asarray(image, np.float64)
-        scale = 65535.0 if image.mode.startswith("I;16") else max(1.0, float(array.max()))
-        image = Image.fromarray(np.clip(array / scale * 255.0 + 0.5, 0, 255).astype(np.uint8))
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info)
-    if has_alpha and rgba == "white":
-        image = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
-    return image.convert("RGB")
-
-
-def read_segmentation(path: str | os.PathLike, order: str = "default", min_pixels: int | None = None) -> Segmentation:
-    """Parses an instance map (see the module docstring for formats and order).
-
-    Args:
-        path: the map: palette/grey/16-bit label image, or an RGB(A) colour-coded image.
-        order: ``"default"`` or ``"upstream"``.
-        min_pixels: RGB maps: colours with fewer pixels are anti-aliased fringe and ignored
-            (default: 0.1 % of the image area).
-
-    Raises:
-        InputError: unreadable file or unsupported image mode.
-    """
-    image = open_image(path)
-    if image.format in ("JPEG", "MPO"):  # its noise invents colours and grey levels: junk instances
-        raise InputError.at(path, f"{image.format} is lossy, so its colours near every edge read as extra "
-                                  f"instances; {SAVE_AS_PNG}")
-    if order == "upstream":
-        return _upstream_segmentation(image, path)
-    if order != "default":
-        raise ValueError(f"instance order must be 'default' or 'upstream', got {order!r}")
-    if image.mode in LABEL_MODES or image.mode in ("LA", "PA", "La"):
-        array = np.asarray(image)
-        labels = (array[..., 0] if array.ndim == 3 else array).astype(np.int64)
-        return _label_segmentation(labels, "palette" if image.mode in ("P", "PA") else "grey")
-    if image.mode in ("RGB", "RGBA", "RGBX", "RGBa"):
-        rgba = np.asarray(image.convert("RGBA"))
-        rgb = np.where(rgba[..., 3:4] > 0, rgba[..., :3], 0).astype(np.int64)
-        if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
-            return _label_segmentation(rgb[..., 0], "grey")  # a grey label map saved as RGB
-        threshold = min_pixels if min_pixels is not None else max(1, math.ceil(FRINGE_FRACTION * rgb[..., 0].size))
-        return _colour_segmentation(rgb, threshold, Path(path))
-    raise InputError.at(path, f"unsupported image mode {image.mode!r} for an instance map "
-                              "(use a palette, grey or RGB image)")
-
-
-def _label_segmentation(labels: np.ndarray, kind: str) -> Segmentation:
-    values, counts = np.unique(labels, return_counts=True)
-    instances = [Instance(int(v), str(int(v)), int(c)) for v, c in zip(values, counts) if v != 0]
-    return Segmentation(labels, instances, kind)
-
-
-def _colour_segmentation(rgb: np.ndarray, threshold: int, path: Path) -> Segmentation:
-    code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-    colours, inverse, counts = np.unique(code.ravel(), return_inverse=True, return_counts=True)
-    keep = (colours != 0) & (counts >= threshold)
-    fringe = (colours != 0) & ~keep
-    lut = np.zeros(len(colours), np.int64)
-    lut[keep] = np.arange(1, int(keep.sum()) + 1)  # ascending colour code = ascending (R, G, B)
-    # Colours made by interpolation (JPEG noise re-saved as PNG, anti-aliased or resized maps) are
-    # speckles and edge lines: almost none of their pixels has 4 neighbours of the same colour.
-    padded = np.pad(code, 1, mode="edge")
-    solid = ((code == padded[:-2, 1:-1]) & (code == padded[2:, 1:-1]) & (code == padded[1:-1, :-2])
-             & (code == padded[1:-1, 2:]))  # (H, W)
-    thin = keep & (np.bincount(inverse.ravel()[solid.ravel()], minlength=len(colours)) < SOLID_FRACTION * counts)
-    if thin.any():
-        raise InputError.at(path, f"{int(thin.sum())} of {int(keep.sum())} instance colours (e.g. "
-                                  f"#{int(colours[thin][0]):06x}) have almost no solid area, so the map looks lossy "
-                                  f"or anti-aliased; {SAVE_AS_PNG}")
-    labels = lut[inverse].reshape(code.shape)
-    instances = [Instance(i + 1, f"{int(c):06x}", int(n)) for i, (c, n) in enumerate(zip(colours[keep], counts[keep]))]
-    notes = []
-    if fringe.any():
-        notes.append(f"{path.name}: ignored {int(fringe.sum())} colour(s) with fewer than {threshold} pixels each "
-                     f"({int(counts[fringe].sum())} pixels, anti-aliased fringe?); they count as background")
-    return Segmentation(labels, instances, "rgb", notes)
-
-
-def _upstream_segmentation(image: Image.Image, path: str | os.PathLike) -> Segmentation:
-    grey = np.asarray(image.convert("L")).astype(np.int64)
-    segmentation = _label_segmentation(grey, "upstream-grey")
-    if image.mode not in ("L", "1"):
-        try:
-            default = read_segmentation(path, "default", min_pixels=1)
-        except InputError:
-            return segmentation
-        if len(default.instances) > len(segmentation.instances):
-            segmentation.notes.append(
-                f"{Path(path).name}: upstream order merges {len(default.instances)} labels into "
-                f"{len(segmentation.instances)} grey levels (labels with equal luminance), as upstream does")
-    return segmentation
+def read_segmentation(path: str | os.PathLike, order: str = "default", min_pixels: int | None = None) -> IdMap:
+    """Old name of :func:`midi.data.images.read_id_map` (transition: package B drops it)."""
+    return read_id_map(path, order=order, min_pixels=min_pixels)  # type: ignore[arg-type]
 
 
 def read_label_names(path: str | os.PathLike) -> dict[str, str]:
@@ -274,9 +117,9 @@ def read_label_names(path: str | os.PathLike) -> dict[str, str]:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError.at(path, f"cannot read label names ({type(exc).__name__}: {exc})") from None
+        raise InputError(f"cannot read label names ({type(exc).__name__}: {exc})", path=path) from None
     if not isinstance(data, dict) or not all(isinstance(v, str) and v for v in data.values()):
-        raise InputError.at(path, 'label names must be a JSON object {"<label>": "<non-empty name>"}')
+        raise InputError('label names must be a JSON object {"<label>": "<non-empty name>"}', path=path)
     return {str(k).lower().lstrip("#"): v for k, v in data.items()}
 
 
@@ -286,42 +129,8 @@ def name_instances(instances: Sequence[Instance], names: dict[str, str] | None, 
     for inst in instances:
         inst.name = (names or {}).get(inst.key, f"instance_{inst.key}")
         if inst.name in seen:
-            raise InputError.at(names_path, f"name {inst.name!r} given to labels {seen[inst.name]} and {inst.key}")
+            raise InputError(f"name {inst.name!r} given to labels {seen[inst.name]} and {inst.key}", path=names_path)
         seen[inst.name] = inst.key
-
-
-def upstream_padding(rgb: Image.Image, labels: np.ndarray) -> tuple[Image.Image, np.ndarray]:
-    """Upstream's ``--do-image-padding``, with its width/height swap fixed (same on square images).
-
-    The canvas grows to 1.25x the instances' centred extent when they fill more than 80 % of a
-    side, the image is pasted centred on white (labels on 0), then padded right/bottom to a square.
-    """
-    height, width = labels.shape
-    rows, cols = np.nonzero(labels > 0)
-    if rows.size == 0:
-        return rgb, labels
-    extent = max(max(abs(rows.max() - height // 2), abs(rows.min() - height // 2)) * 2,
-                 max(abs(cols.max() - width // 2), abs(cols.min() - width // 2)) * 2)
-    new_w = int(extent / 4 * 5) if extent > width * 0.8 else width
-    new_h = int(extent / 4 * 5) if extent > height * 0.8 else height
-    x0, y0 = (new_w - width) // 2, (new_h - height) // 2
-    side = max(new_w, new_h)
-    canvas = Image.new("RGB", (side, side), (255, 255, 255))
-    canvas.paste(rgb, (x0, y0))
-    padded = np.zeros((side, side), labels.dtype)
-    padded[y0 : y0 + height, x0 : x0 + width] = labels
-    return canvas, padded
-
-
-def pad_to_square(rgb: Image.Image, labels: np.ndarray) -> tuple[Image.Image, np.ndarray]:
-    """Centres a non-square image on a white square (labels on 0)."""
-    height, width = labels.shape
-    side = max(height, width)
-    x0, y0 = (side - width) // 2, (side - height) // 2
-    rgb = ImageOps.expand(rgb, border=(x0, y0, side - width - x0, side - height - y0), fill=(255, 255, 255))
-    padded = np.zeros((side, side), labels.dtype)
-    padded[y0 : y0 + height, x0 : x0 + width] = labels
-    return rgb, padded
 
 
 @dataclass
@@ -347,35 +156,33 @@ def prepare_scene(rgb_path: str | os.PathLike, seg_path: str | os.PathLike, opti
         InputError: unreadable files, different sizes, no instance, too many instances, bad names.
     """
     rgb_path, seg_path = Path(rgb_path), Path(seg_path)
-    rgb = read_rgb(rgb_path, options.rgba)
-    seg = read_segmentation(seg_path, options.order, options.min_pixels)
-    if rgb.size != seg.labels.shape[::-1]:
-        w, h = seg.labels.shape[::-1]
-        raise InputError.at(seg_path, f"size {w}x{h} differs from the image {rgb_path.name} ({rgb.size[0]}x{rgb.size[1]})")
+    rgb = read_rgb(rgb_path, rgba="upstream" if options.rgba == "upstream" else "composite")
+    seg = read_id_map(seg_path, order=options.order, min_pixels=options.min_pixels)  # type: ignore[arg-type]
+    if rgb.shape[:2] != seg.labels.shape:
+        (h, w), (rh, rw) = seg.labels.shape, rgb.shape[:2]
+        raise InputError(f"size {w}x{h} differs from the image {rgb_path.name} ({rw}x{rh})", path=seg_path)
     if not seg.instances:
-        raise InputError.at(seg_path, "no instance (every pixel is background: label 0 / black)")
+        raise InputError("no instance (every pixel is background: label 0 / black)", path=seg_path)
     if len(seg.instances) > options.max_instances:
-        raise InputError.at(seg_path, f"{len(seg.instances)} instances, more than --max_instances {options.max_instances}")
+        raise InputError(f"{len(seg.instances)} instances, more than --max_instances {options.max_instances}",
+                         path=seg_path)
     names = read_label_names(options.label_names) if options.label_names else None
     name_instances(seg.instances, names, options.label_names)
     if options.do_image_padding:
         rgb, seg.labels = upstream_padding(rgb, seg.labels)
-    elif rgb.size[0] != rgb.size[1]:
-        seg.notes.append(f"{rgb_path.name}: {rgb.size[0]}x{rgb.size[1]} is not square; centred on a white square")
-        rgb, seg.labels = pad_to_square(rgb, seg.labels)
+    elif rgb.shape[0] != rgb.shape[1]:
+        seg.notes.append(f"{rgb_path.name}: {rgb.shape[1]}x{rgb.shape[0]} is not square; centred on a white square")
+        rgb, seg.labels = pad_to_square(rgb, 1.0), pad_to_square(seg.labels, 0)
     for note in seg.notes if log_notes else ():
         logger.info("%s", note)
-    return SceneInput(rgb_path, seg_path, rgb, seg)
+    return SceneInput(rgb_path, seg_path, Image.fromarray(to_uint8(rgb)), seg)
 
 
 def split_instances(scene: SceneInput) -> tuple[list[Image.Image], list[Image.Image], list[Image.Image]]:
     """Per instance: the RGB with every other pixel white, its "L" mask (0/255), the full RGB."""
-    rgb = np.asarray(scene.rgb)
-    images, masks = [], []
-    for inst in scene.segmentation.instances:
-        inside = scene.segmentation.labels == inst.label
-        images.append(Image.fromarray(np.where(inside[..., None], rgb, 255).astype(np.uint8)))
-        masks.append(Image.fromarray(inside.astype(np.uint8) * 255, mode="L"))
+    rgb = np.asarray(scene.rgb, np.float32) / 255.0
+    labels = [inst.label for inst in scene.segmentation.instances]
+    images, masks, _ = conditions_to_pil(*instance_images(rgb, scene.segmentation.labels, labels), rgb)
     return images, masks, [scene.rgb] * len(images)
 
 
@@ -403,24 +210,6 @@ class LoadedPipeline:
     description: str
 
 
-def check_model_path(model: str) -> None:
-    """Cheap early check of ``--pretrained_model_name_or_path`` (before importing torch).
-
-    Raises:
-        InputError: the folder is missing and it is not a Hub repo id in the local cache.
-    """
-    if model == "tiny" or Path(model).is_dir():
-        return
-    if Path(model).exists():
-        raise InputError.at(model, "not a folder (expected a MIDI-3D pipeline folder with model_index.json)")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and model != DEFAULT_MODEL:
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        if (Path(HF_HUB_CACHE) / f"models--{model.replace('/', '--')}").is_dir():
-            return
-    raise InputError.at(model, f"model folder not found; {DOWNLOAD_HINT}")
-
-
 def resolve_device_dtype(device: str, dtype: str) -> tuple[Any, Any]:
     """``auto`` device: CUDA when available, else CPU; ``auto`` dtype: bfloat16 on CUDA, float32 otherwise."""
     import torch
@@ -437,19 +226,9 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[Any, Any]:
 
 
 def _load_base(model: str, dtype, tiny_seed: int) -> Any:
-    if model == "tiny":
-        from midi.testing import tiny_pipeline
+    from midi.tiny import load_pipeline
 
-        return tiny_pipeline(tiny_seed)
-    from midi.pipelines.loading import PipelineLoadError
-    from midi.pipelines.pipeline_midi import MIDIPipeline
-
-    try:
-        return MIDIPipeline.from_pretrained(model, torch_dtype=dtype)
-    except PipelineLoadError as exc:
-        raise InputError(str(exc)) from None
-    except OSError as exc:
-        raise InputError.at(model, f"cannot load the model ({type(exc).__name__}: {exc})") from None
+    return load_pipeline(model, dtype, tiny_seed=tiny_seed)
 
 
 def default_mi_blocks(config) -> list[str]:
@@ -458,10 +237,10 @@ def default_mi_blocks(config) -> list[str]:
     Raises:
         InputError: any other model (its blocks cannot be guessed: ``--mi_blocks`` names them).
     """
-    from midi.testing import TINY_MI_BLOCKS, TINY_TRANSFORMER
+    from midi.tiny import TINY_MI_BLOCKS, TINY_TRANSFORMER
 
     if config.get("num_layers") == 21:
-        return list(MIDI_MI_BLOCKS)
+        return list(DEFAULT_MI_BLOCKS)
     if all(config.get(k) == v for k, v in TINY_TRANSFORMER.items()):
         return list(TINY_MI_BLOCKS)
     raise InputError(f"the model's transformer has {config.get('num_layers')} layers; multi-instance blocks are "
@@ -495,7 +274,7 @@ def _install_lora(pipe, adapter, mi_blocks: list[str], alpha: float | None) -> s
     except AdapterError as exc:
         raise InputError(str(exc)) from None
     except (ValueError, KeyError, TypeError, OSError) as exc:  # e.g. PEFT refusing a config
-        raise InputError.at(adapter.source, f"LoRA does not fit the model ({type(exc).__name__}: {exc})") from None
+        raise InputError(f"LoRA does not fit the model ({type(exc).__name__}: {exc})", path=adapter.source) from None
     alphas = sorted({c["lora_alpha"] for c in adapter.lora_configs.values()})
     return f"LoRA {adapter.source} ({adapter.format}, {', '.join(adapter.lora_configs)}, rank {ranks}, alpha {alphas})"
 
@@ -518,7 +297,7 @@ def build_pipeline(options: ModelOptions) -> LoadedPipeline:
     adapter = _read_adapter(Path(options.lora_path)) if options.lora_path is not None else None
     tiny_seed = adapter.tiny_seed if adapter is not None and adapter.tiny_seed is not None else 0
     pipe = _load_base(options.model, dtype, tiny_seed)
-    description = f"model {options.model}" + (f" (seed {tiny_seed})" if options.model == "tiny" else "")
+    description = f"model {options.model}" + (f" (seed {tiny_seed})" if is_tiny(options.model) else "")
     recorded = adapter.mi_blocks if adapter is not None else None
     mi_blocks = list(options.mi_blocks or recorded or default_mi_blocks(pipe.transformer.config))
     if options.mi_blocks and recorded and list(recorded) != mi_blocks:
@@ -654,57 +433,9 @@ def output_format(path: str | os.PathLike) -> str:
     """
     ext = Path(path).suffix.lower().lstrip(".")
     if ext not in MESH_FORMATS:
-        raise InputError.at(path, f"unsupported output format {('.' + ext) if ext else '(no extension)'}; "
-                                  f"use one of {', '.join('.' + f for f in MESH_FORMATS)}")
+        raise InputError(f"unsupported output format {('.' + ext) if ext else '(no extension)'}; "
+                                  f"use one of {', '.join('.' + f for f in MESH_FORMATS)}", path=path)
     return ext
-
-
-def write_all_or_nothing(files: Sequence[tuple[Path, bytes]]) -> None:
-    """Writes every ``(path, data)`` under a temporary sibling, then renames them all.
-
-    On any failure the temporary files and the files already renamed by this call are removed
-    (an older file that one of them replaced is lost too), so no partial set is left.
-
-    Raises:
-        OSError: the first write or rename that failed, with ``filename`` the final path.
-    """
-    remove_stale_temps({path.parent for path, _ in files})
-    temps = [path.with_name(f".{path.name}.tmp-{os.getpid()}") for path, _ in files]
-    renamed: list[Path] = []
-    current = None
-    try:
-        for (current, data), tmp in zip(files, temps):
-            current.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(data)
-        for (current, _), tmp in zip(files, temps):
-            os.replace(tmp, current)
-            renamed.append(current)
-    except BaseException as exc:
-        for leftover in temps + renamed:
-            try:
-                leftover.unlink(missing_ok=True)
-            except OSError:  # e.g. the folder itself is unusable: nothing was written there
-                pass
-        if isinstance(exc, OSError):
-            raise OSError(exc.errno, exc.strerror or str(exc), str(current)) from exc
-        raise
-
-
-def remove_stale_temps(folders) -> None:
-    """Removes the ``.<name>.tmp-<pid>`` files that a killed run (pid no longer alive) left in ``folders``.
-
-    A kill between the renames of :func:`write_all_or_nothing` leaves the set partial: each removed
-    file is named in a warning, with the output it stood for (rerun that scene).
-    """
-    import psutil
-
-    for folder in folders:
-        for tmp in folder.glob(".*.tmp-*") if folder.is_dir() else ():
-            match = re.fullmatch(r"\.(.+)\.tmp-(\d+)", tmp.name)
-            if match and tmp.is_file() and not psutil.pid_exists(int(match[2])):
-                tmp.unlink(missing_ok=True)
-                logger.warning("%s: removed a temporary file of an interrupted run (pid %s); %s may be missing or "
-                               "incomplete: rerun that scene", tmp, match[2], folder / match[1])
 
 
 def instance_colours(count: int) -> np.ndarray:
@@ -763,7 +494,7 @@ def save_outputs(result: SceneResult, output: Path, save_instances: bool = False
                  preview_size: int = 384) -> list[Path]:
     """Writes the scene file, optionally ``<stem>_<name>.<ext>`` per instance, and ``<stem>.png``.
 
-    All-or-nothing: every file is encoded first, then written by :func:`write_all_or_nothing`;
+    All-or-nothing: every file is encoded first, then written by :func:`midi.data.atomic.write_all`;
     a failure leaves none of them (a preview that cannot be *rendered* is only a warning).
 
     Raises:
@@ -772,8 +503,8 @@ def save_outputs(result: SceneResult, output: Path, save_instances: bool = False
     """
     fmt = output_format(output)
     if not result.meshes:
-        raise InputError.at(result.scene.seg_path, f"no instance produced a surface ({len(result.surfaces)} tried); "
-                                                   "nothing written")
+        raise InputError(f"no instance produced a surface ({len(result.surfaces)} tried); "
+                                                   "nothing written", path=result.scene.seg_path)
     scene = build_trimesh_scene(result)
     files: list[tuple[Path, bytes]] = []
     path = output
@@ -785,9 +516,9 @@ def save_outputs(result: SceneResult, output: Path, save_instances: bool = False
         path = output
         files.append((output, export_bytes(scene, fmt)))
     except OSError as exc:
-        raise OutputError.at(path, exc.strerror or str(exc)) from exc
+        raise OutputError(exc.strerror or str(exc), path=path) from exc
     except Exception as exc:
-        raise OutputError.at(path, f"cannot encode {fmt.upper()} ({type(exc).__name__}: {exc})") from exc
+        raise OutputError(f"cannot encode {fmt.upper()} ({type(exc).__name__}: {exc})", path=path) from exc
     if fmt in SINGLE_MESH_FORMATS and len(scene.geometry) > 1:
         logger.info("%s: %s holds a single mesh; the %d instances are concatenated (use --save_instances or .glb "
                     "for separate nodes)", output.name, fmt.upper(), len(scene.geometry))
@@ -797,10 +528,10 @@ def save_outputs(result: SceneResult, output: Path, save_instances: bool = False
         except Exception as exc:  # a preview must never cost the user the scene
             logger.warning("%s: preview not written (%s: %s)", output.name, type(exc).__name__, exc)
     try:
-        write_all_or_nothing(files)
+        write_all(files)
     except OSError as exc:
         where = exc.filename or output
-        raise OutputError.at(where, exc.strerror or str(exc)) from exc
+        raise OutputError(exc.strerror or str(exc), path=where) from exc
     return [path for path, _ in files]
 
 
@@ -820,19 +551,14 @@ def find_pairs(input_dir: str | os.PathLike) -> list[tuple[str, Path, Path]]:
     """
     folder = Path(input_dir)
     if not folder.is_dir():
-        raise InputError.at(folder, "input folder not found")
+        raise InputError("input folder not found", path=folder)
     pairs = []
     for rgb in sorted(p for p in folder.iterdir() if p.stem.endswith("_rgb") and p.suffix.lower() in RGB_SUFFIXES):
         name = rgb.stem[: -len("_rgb")]
-        segs = sorted(p for p in folder.glob(f"{glob_escape(name)}_seg.*") if p.suffix.lower() in RGB_SUFFIXES)
+        segs = sorted(p for p in folder.glob(f"{glob.escape(name)}_seg.*") if p.suffix.lower() in RGB_SUFFIXES)
         if not segs:
-            raise InputError.at(rgb, f"no matching {name}_seg.png")
+            raise InputError(f"no matching {name}_seg.png", path=rgb)
         pairs.append((name, rgb, segs[0]))
     if not pairs:
-        raise InputError.at(folder, "no X_rgb.png / X_seg.png pairs")
+        raise InputError("no X_rgb.png / X_seg.png pairs", path=folder)
     return pairs
-
-
-def glob_escape(text: str) -> str:
-    """Escapes glob metacharacters in a literal file-name part."""
-    return re.sub(r"([*?\[])", r"[\1]", text)

@@ -29,13 +29,11 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from midi.config import CUSTOM_ADAPTER_FILE, DEFAULT_TARGET_MODULES, METADATA_FILE
 from midi.data.atomic import save_safetensors, write_json
 from midi.loaders.custom_adapter import AdapterError, read_adapter_file
 
-DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 ADAPTER_MODELS = ("transformer", "image_encoder_1", "image_encoder_2")
-METADATA_FILE = "midi_adapter.json"
-CUSTOM_ADAPTER_FILE = "custom_adapter.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel's key prefix for the wrapped model's modules
 
 
@@ -113,7 +111,7 @@ def export_lora(
         "mi_blocks": list(mi_blocks) if mi_blocks is not None else None,
         "lora_configs": configs,
         "base_transformer_config": {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")},
-        "tiny_seed": getattr(pipe, "tiny_seed", None),  # set by midi.testing.tiny_pipeline only
+        "tiny_seed": getattr(pipe, "tiny_seed", None),  # set by midi.tiny.tiny_pipeline only
         **(extra_metadata or {}),
     }
     write_json(tmp_dir / METADATA_FILE, json.loads(json.dumps(metadata, default=str)))

@@ -15,12 +15,14 @@ from typing import Any
 
 import torch
 
-from midi.config import TINY_MODEL, ConfigError, TrainingConfig
+from midi.config import TrainingConfig, is_tiny
+from midi.errors import ConfigError
 from midi.lora import lora_config_dict, matched_lora_targets
+from midi.tiny import load_pipeline, meta_models
 
 logger = logging.getLogger(__name__)
 ENCODER_CONFIG_CLASSES = {"image_encoder_1": ("CLIPVisionConfig", "CLIPVisionModelWithProjection"),
-                          "image_encoder_2": ("Dinov2Config", "Dinov2Model")}  # fmt: skip
+                          "image_encoder_2": ("Dinov2Config", "Dinov2Model")}
 
 
 # ----------------------------------------------------------------------------- precision
@@ -69,7 +71,7 @@ def lora_configs(cfg: TrainingConfig) -> dict[str, dict[str, Any] | None]:
     def make(targets: list[str]) -> dict[str, Any]:
         return lora_config_dict(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, target_modules=targets,
                                 init_lora_weights=lo.init_lora_weights, use_dora=lo.use_dora,
-                                use_rslora=lo.use_rslora)  # fmt: skip
+                                use_rslora=lo.use_rslora)
 
     return {
         "transformer": make(lo.target_modules) if lo.transformer else None,
@@ -79,29 +81,8 @@ def lora_configs(cfg: TrainingConfig) -> dict[str, dict[str, Any] | None]:
 
 
 def load_base_pipeline(model_cfg, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
-    """The pipeline without adapters: ``tiny`` (built in-process) or a folder via ``from_pretrained``.
-
-    The VAE stays float32 (it is small, and the latents are the regression target).
-
-    Raises:
-        midi.pipelines.loading.PipelineLoadError: the folder is not a loadable MIDI-3D pipeline.
-    """
-    if model_cfg.pretrained_model_name_or_path == TINY_MODEL:
-        from midi.testing import tiny_pipeline
-
-        pipe = tiny_pipeline(model_cfg.tiny_seed)
-        if dtype != torch.float32:
-            for name in ("transformer", "image_encoder_1", "image_encoder_2"):
-                torch.nn.Module.to(getattr(pipe, name), dtype)  # plain cast (ModelMixin.to warns for no reason)
-    else:
-        from midi.pipelines.pipeline_midi import MIDIPipeline
-
-        pipe = MIDIPipeline.from_pretrained(model_cfg.pretrained_model_name_or_path,
-                                            torch_dtype={"vae": torch.float32, "default": dtype})  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    if device is not None:
-        pipe.to(device)
-    return pipe
+    """The pipeline without adapters (:func:`midi.tiny.load_pipeline`; the VAE stays float32)."""
+    return load_pipeline(model_cfg.pretrained_model_name_or_path, dtype, tiny_seed=model_cfg.tiny_seed, device=device)
 
 
 def build_pipeline(cfg: TrainingConfig, dtype: torch.dtype, device: torch.device | str):
@@ -135,43 +116,20 @@ def build_pipeline(cfg: TrainingConfig, dtype: torch.dtype, device: torch.device
 def trainable_parameters(pipe) -> list[torch.nn.Parameter]:
     """Every parameter that requires grad (the LoRA weights)."""
     return [p for name in ("transformer", "image_encoder_1", "image_encoder_2")
-            for p in getattr(pipe, name).parameters() if p.requires_grad]  # fmt: skip
+            for p in getattr(pipe, name).parameters() if p.requires_grad]
 
 
 def count_trainable(pipe) -> dict[str, int]:
     """Trainable parameter counts per model (models without any are left out)."""
     counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters() if p.requires_grad)
-              for name in ("transformer", "image_encoder_1", "image_encoder_2")}  # fmt: skip
+              for name in ("transformer", "image_encoder_1", "image_encoder_2")}
     return {k: v for k, v in counts.items() if v}
 
 
 # ----------------------------------------------------------------------------- model checks
 def _meta_models(model_cfg, names: list[str]) -> dict[str, torch.nn.Module]:
     """The named models built on the meta device from their config files (no weights read)."""
-    if model_cfg.pretrained_model_name_or_path == TINY_MODEL:
-        from midi.testing import tiny_pipeline
-
-        with torch.device("meta"):
-            pipe = tiny_pipeline(model_cfg.tiny_seed)
-        return {n: getattr(pipe, n) for n in names}
-    import transformers
-
-    from midi.models.transformers.triposg_transformer import TripoSGDiTModel
-    from midi.pipelines.loading import resolve_pipeline_folder
-
-    folder = resolve_pipeline_folder(model_cfg.pretrained_model_name_or_path)
-    models = {}
-    with torch.device("meta"):
-        for name in names:
-            sub = folder / name
-            if name == "transformer":
-                config = json.loads((sub / "config.json").read_text())
-                models[name] = TripoSGDiTModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
-            else:
-                config_cls, model_cls = ENCODER_CONFIG_CLASSES[name]
-                config = getattr(transformers, config_cls).from_pretrained(str(sub))
-                models[name] = getattr(transformers, model_cls)(config)
-    return models
+    return meta_models(model_cfg.pretrained_model_name_or_path, names, tiny_seed=model_cfg.tiny_seed)
 
 
 def _linear_suffixes(model: torch.nn.Module) -> list[str]:
@@ -197,7 +155,7 @@ def _check_targets(model: torch.nn.Module, key: str, targets: list[str], rank: i
 def scheduler_problems(model_cfg) -> list[str]:
     """The training objective samples sigmas with the scheduler's fixed ``shift``; dynamic
     (resolution-dependent) shifting has no fixed sigma schedule to train against."""
-    if model_cfg.pretrained_model_name_or_path == TINY_MODEL:
+    if is_tiny(model_cfg.pretrained_model_name_or_path):
         return []
     from midi.pipelines.loading import resolve_pipeline_folder
 
@@ -208,7 +166,7 @@ def scheduler_problems(model_cfg) -> list[str]:
         return [f"model.pretrained_model_name_or_path: {path}: unreadable scheduler config ({exc})"]
     if config.get("use_dynamic_shifting"):
         return [f"model.pretrained_model_name_or_path: {path} sets use_dynamic_shifting, which training does not "
-                "support (sigmas are drawn with the fixed `shift`); set it to false"]  # fmt: skip
+                "support (sigmas are drawn with the fixed `shift`); set it to false"]
     return []
 
 
@@ -234,7 +192,7 @@ def check_model_setup(cfg: TrainingConfig) -> list[str]:
     for block in cfg.model.mi_blocks:
         if int(block.split(".")[1]) >= num_layers:
             problems.append(f"model.mi_blocks: {block!r} does not exist; the transformer has blocks.0 ... "
-                            f"blocks.{num_layers - 1} (upstream MIDI uses blocks.8-12 of 21)")  # fmt: skip
+                            f"blocks.{num_layers - 1} (upstream MIDI uses blocks.8-12 of 21)")
     trainable = 0
     if lo.transformer:
         trainable += _check_targets(transformer, "lora.target_modules", lo.target_modules, lo.rank, problems)
@@ -272,7 +230,7 @@ def build_optimizer(cfg: TrainingConfig, params: list[torch.nn.Parameter]) -> to
             import bitsandbytes as bnb
         except ImportError:
             raise ConfigError(["optimizer.name: adamw_8bit needs bitsandbytes (pip install bitsandbytes); "
-                               "or use adamw"]) from None  # fmt: skip
+                               "or use adamw"]) from None
         return bnb.optim.AdamW8bit(params, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
 
@@ -282,6 +240,6 @@ def build_lr_scheduler(cfg: TrainingConfig, optimizer: torch.optim.Optimizer, ma
     from diffusers.optimization import get_scheduler
 
     return get_scheduler(cfg.optimizer.lr_scheduler, optimizer, num_warmup_steps=cfg.optimizer.lr_warmup_steps,
-                         num_training_steps=max_steps)  # fmt: skip
+                         num_training_steps=max_steps)
 
 

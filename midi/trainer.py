@@ -36,27 +36,30 @@ from typing import Any
 
 import torch
 
-from midi.config import TrainingConfig, config_to_dict, config_to_yaml
-from midi.data.atomic import write_text
+from midi.config import (  # noqa: F401  (the run-folder names: old import path for train_lora.py and tests)
+    ADAPTER_SUBDIR,
+    BEST_DIR,
+    CHECKPOINT_PREFIX,
+    CONFIG_FILE,
+    FINAL_DIR,
+    STATE_FILE,
+    TrainingConfig,
+    config_to_dict,
+    config_to_yaml,
+)
+from midi.data.atomic import commit_dir, write_text
+from midi.errors import TrainingError
 from midi.lora import METADATA_FILE, AdapterError, export_lora, read_lora
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "trainer_state.json"
-CONFIG_FILE = "config.yaml"
-FINAL_DIR = "lora-final"
-BEST_DIR = "best"
-ADAPTER_SUBDIR = "lora"
 # Keys whose change makes a checkpoint unusable (the adapter's shape or the model it belongs to).
 STRUCTURAL_KEYS = ("model.pretrained_model_name_or_path", "model.tiny_seed", "model.mi_blocks", "lora.rank",
                    "lora.alpha", "lora.use_rslora", "lora.target_modules", "lora.use_dora", "lora.transformer", "lora.image_encoder_1",
                    "lora.image_encoder_2", "lora.image_encoder_1_target_modules",
-                   "lora.image_encoder_2_target_modules")  # fmt: skip
+                   "lora.image_encoder_2_target_modules")
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on: non-finite losses, a failed export check, an unusable checkpoint."""
 
 
 @dataclass
@@ -79,20 +82,6 @@ class TrainerState:
 
 
 # ----------------------------------------------------------------------------- files
-def atomic_write_text(path: Path, text: str) -> None:
-    """Writes a text file under a temporary name (fsynced), then renames it."""
-    write_text(path, text)
-
-
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Moves a finished folder into place, replacing an older one of the same name."""
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 # Temporary names of this module, midi.lora and midi.data.atomic: <name>.tmp, <name>.tmp-<id>, .<name>.old-<pid>.
 _STALE = re.compile(r"\.tmp(-\w+)?$|^\..+\.old-\d+$")
 
@@ -142,7 +131,7 @@ def cleaned_on_failure(output_dir: Path, what: str) -> Iterator[None]:
 def write_run_config(cfg: TrainingConfig, folder: Path) -> None:
     """Saves the resolved config as ``config.yaml`` in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / CONFIG_FILE, config_to_yaml(cfg))
+    write_text(folder / CONFIG_FILE, config_to_yaml(cfg))
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -240,7 +229,7 @@ def load_adapter_weights(pipe, adapter_dir: Path) -> None:
 def adapter_metadata(cfg: TrainingConfig, state: TrainerState) -> dict[str, Any]:
     """Extra metadata written into ``midi_adapter.json`` of every export."""
     return {"training": {"global_step": state.global_step, "base_model": cfg.model.pretrained_model_name_or_path,
-                         "config": config_to_dict(cfg)}}  # fmt: skip
+                         "config": config_to_dict(cfg)}}
 
 
 def _check_inputs(pipe, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -259,7 +248,7 @@ def _model_outputs(pipe, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     t = torch.full((2,), 500.0, device=inputs["x"].device)
     out = {"transformer": pipe.transformer(inputs["x"], t, encoder_hidden_states=inputs["e1"],
                                            encoder_hidden_states_2=inputs["e2"],
-                                           attention_kwargs={"num_instances": [2]}, return_dict=False)[0]}  # fmt: skip
+                                           attention_kwargs={"num_instances": [2]}, return_dict=False)[0]}
     for name in ("image_encoder_1", "image_encoder_2"):
         encoder = getattr(pipe, name)
         if getattr(encoder, "peft_config", None):
@@ -315,7 +304,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def export_adapter(pipe, target: Path, cfg: TrainingConfig, state: TrainerState, mi_blocks: list[str],
-                   verify: bool, dtype: torch.dtype, extra_files: dict[str, str] | None = None) -> Path:  # fmt: skip
+                   verify: bool, dtype: torch.dtype, extra_files: dict[str, str] | None = None) -> Path:
     """Exports the adapter to ``target`` (atomically), with the config, optionally verified.
 
     Raises:
@@ -327,19 +316,19 @@ def export_adapter(pipe, target: Path, cfg: TrainingConfig, state: TrainerState,
         export_lora(pipe, tmp, mi_blocks, extra_metadata=adapter_metadata(cfg, state))
         write_run_config(cfg, tmp)
         for name, text in (extra_files or {}).items():
-            atomic_write_text(tmp / name, text)
+            write_text(tmp / name, text)
     if verify:
         check = verify_export(pipe, tmp, cfg, dtype)
         metadata = json.loads((tmp / METADATA_FILE).read_text())
         metadata["export_check"] = check
-        atomic_write_text(tmp / METADATA_FILE, json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")
+        write_text(tmp / METADATA_FILE, json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")
         if not check["ok"]:
             failed = target.with_name(f"{target.name}.unverified")
-            replace_dir(tmp, failed)
+            commit_dir(tmp, failed)
             raise TrainingError(f"{failed}: the exported adapter does not reproduce the training model after "
                                 f"reloading (max abs diff {check['max_abs_diff']:.3g} > {check['tolerance']:.3g})")
         logger.info("export check passed for %s: max abs diff %.3g", target.name, check["max_abs_diff"])
-    replace_dir(tmp, target)
+    commit_dir(tmp, target)
     return target
 
 
@@ -381,7 +370,7 @@ class CheckpointManager:
         with full_parameters(self.accelerator, models[0]):
             if self.accelerator.is_main_process:
                 export_lora(self.pipe, Path(folder) / ADAPTER_SUBDIR, self.cfg.model.mi_blocks,
-                            extra_metadata=adapter_metadata(self.cfg, self._state))  # fmt: skip
+                            extra_metadata=adapter_metadata(self.cfg, self._state))
         weights.clear()  # the frozen base is not saved; lora/ holds everything trainable
 
     def _load_hook(self, models: list, folder: str) -> None:
@@ -402,13 +391,13 @@ class CheckpointManager:
             acc.wait_for_everyone()
             if acc.is_main_process:
                 write_run_config(self.cfg, tmp)
-                atomic_write_text(tmp / STATE_FILE, json.dumps(asdict(state), indent=2) + "\n")
+                write_text(tmp / STATE_FILE, json.dumps(asdict(state), indent=2) + "\n")
         if acc.is_main_process:
             if self.cfg.checkpointing.verify_exports:
                 check = verify_export(self.pipe, tmp / ADAPTER_SUBDIR, self.cfg, self.dtype)
                 if not check["ok"]:
                     raise TrainingError(f"{tmp}: checkpoint adapter fails the reload check ({check})")
-            replace_dir(tmp, final)
+            commit_dir(tmp, final)
             if rotate:
                 for path in rotate_checkpoints(self.output_dir, self.cfg.checkpointing.checkpoints_total_limit):
                     logger.info("removed old checkpoint %s", path.name)
@@ -465,7 +454,7 @@ def check_state_files(folder: Path, process_index: int) -> None:
         load(rng)
     except Exception as exc:  # noqa: BLE001 - missing, truncated or a pickle that weights_only refuses
         raise TrainingError(f"{rng}: refused ({_first_line(exc)}); without this process's RNG state the run would "
-                            "not continue exactly; resume from another checkpoint") from None  # fmt: skip
+                            "not continue exactly; resume from another checkpoint") from None
     for path in sorted(p for p in folder.iterdir() if p.suffix in (".bin", ".pkl", ".pt")):
         if not zipfile.is_zipfile(path):  # torch.save writes a zip whose directory is at the end
             raise TrainingError(f"{path}: truncated or not a torch file; resume from another checkpoint")
@@ -509,16 +498,16 @@ class ThroughputMeter:
 
 
 def training_metrics(accelerator, meter: ThroughputMeter, state: TrainerState, lr: float,
-                     grad_norm: float) -> dict[str, float]:  # fmt: skip
+                     grad_norm: float) -> dict[str, float]:
     """The logged training scalars; loss averaged and throughput summed over processes."""
     s = meter.summary()
     local = torch.tensor([s["loss"], s["scenes_per_s"], s["tokens_per_s"]], device=accelerator.device,
-                         dtype=torch.float64)  # fmt: skip
+                         dtype=torch.float64)
     total = accelerator.reduce(local, "sum")
     return {"train/loss": float(total[0]) / accelerator.num_processes, "train/lr": lr, "train/grad_norm": grad_norm,
             "train/scenes_per_s": float(total[1]), "train/latent_tokens_per_s": float(total[2]),
             "train/epoch": state.epoch, "train/peak_memory_gb": peak_memory_bytes(accelerator.device) / 2**30,
-            "train/nonfinite_steps": state.nonfinite_steps}  # fmt: skip
+            "train/nonfinite_steps": state.nonfinite_steps}
 
 
 def tracker_config(cfg: TrainingConfig) -> dict[str, Any]:
@@ -533,7 +522,7 @@ def tracker_config(cfg: TrainingConfig) -> dict[str, Any]:
 def dry_run_report(cfg: TrainingConfig, device: torch.device, num_processes: int, mixed_precision: str,
                    trainable: dict[str, int], step_seconds: list[float], warmup_steps: int, peak_bytes: int,
                    batches_per_epoch: int, rows_per_batch: int, num_tokens: int, max_steps: int,
-                   num_scenes: int) -> dict[str, Any]:  # fmt: skip
+                   num_scenes: int) -> dict[str, Any]:
     """The ``--dry_run`` measurements and estimates as plain values (also written by ``--dry_run_json``)."""
     times, median = sorted(step_seconds), statistics.median(step_seconds)
     steps_per_epoch = max(1.0, batches_per_epoch / (num_processes * cfg.train.gradient_accumulation_steps))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from midi.config import TrainingConfig, load_config
+from midi.config import TrainingConfig
+from midi.config_load import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_YAML = REPO / "configs" / "train" / "tiny.yaml"
@@ -20,7 +21,7 @@ def tiny_dataset(base: Path) -> Path:
     root = Path(base) / "train-data"
     if not (root / "manifest.json").is_file():
         write_synthetic_dataset(root, num_scenes=NUM_SCENES, seed=0, image_size=IMAGE_SIZE, num_samples=NUM_POINTS,
-                                val_fraction=0.3)  # fmt: skip
+                                val_fraction=0.3)
     return root
 
 
@@ -35,7 +36,7 @@ def tiny_args(data_root: Path, output_dir: Path, *extra: str, max_steps: int = 4
         "--validation.preview_every_n_steps", "0", "--logging.progress_bar", "false",
         "--logging.report_to", "none", "--cache.dir", str(Path(output_dir).parent / "cache"),
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 def tiny_config(data_root: Path, output_dir: Path, *extra: str, max_steps: int = 4) -> TrainingConfig:

@@ -36,7 +36,7 @@ def upstream_pipe():
 
 @pytest.fixture
 def tiny_pipe():
-    from midi.testing import tiny_pipeline
+    from midi.tiny import tiny_pipeline
 
     return tiny_pipeline(seed=0)
 

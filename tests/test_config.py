@@ -9,16 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from midi.config import (
-    ConfigError,
-    TrainingConfig,
-    all_keys,
-    config_from_dict,
-    config_to_dict,
-    config_to_yaml,
-    key_doc,
-    load_config,
-)
+from midi.config import TrainingConfig, all_keys, config_to_dict, config_to_yaml, key_doc
+from midi.config_load import load_config
+from midi.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_CONFIGS = sorted((REPO / "configs" / "train").glob("*.yaml"))
@@ -55,18 +48,11 @@ def test_tiny_config_passes_the_model_checks():
     assert check_model_setup(load_config(REPO / "configs" / "train" / "tiny.yaml")) == []
 
 
-def test_default_targets_match_midi_lora():
-    from midi import config
-    from midi.lora import DEFAULT_TARGET_MODULES
-
-    assert config.DEFAULT_TARGET_MODULES == DEFAULT_TARGET_MODULES
-
-
 def test_override_syntax():
     cfg = load_config(None, ["--train.batch_size", "2", "--lora.rank=8", "--optimizer.learning_rate", "3e-5",
                              "--lora.target_modules", "to_q,to_v", "--model.mi_blocks=[blocks.1, blocks.2]",
                              "--train.max_steps", "null", "--data.max_tokens_per_batch", "none",
-                             "--data.background", "[0.5, 0.5, 0.5]", "--logging.progress_bar", "false"])  # fmt: skip
+                             "--data.background", "[0.5, 0.5, 0.5]", "--logging.progress_bar", "false"])
     assert cfg.train.batch_size == 2 and cfg.lora.rank == 8 and cfg.optimizer.learning_rate == 3e-5
     assert cfg.lora.target_modules == ["to_q", "to_v"] and cfg.model.mi_blocks == ["blocks.1", "blocks.2"]
     assert cfg.train.max_steps is None and cfg.data.max_tokens_per_batch is None
@@ -76,7 +62,7 @@ def test_override_syntax():
 def test_messages_name_the_key_and_the_fix():
     problems = _problems("--train.batch_size", "0", "--lora.rank_typo", "3", "--train.learning_rate", "1e-3",
                          "--bogus.key", "1", "--optimizer.lr_scheduler", "cosin", "--lora.dropout", "high",
-                         "--train.mixed_precision", "fp8", "stray")  # fmt: skip
+                         "--train.mixed_precision", "fp8", "stray")
     assert "train.batch_size: must be >= 1, got 0" in problems
     assert "lora.rank_typo: unknown key; did you mean lora.rank?" in problems
     assert "train.learning_rate: unknown key; did you mean optimizer.learning_rate?" in problems
@@ -107,9 +93,9 @@ def test_yaml_file_problems_name_the_file(tmp_path):
 def test_impossible_combinations():
     problems = _problems("--lora.transformer", "false", "--data.batching", "padded", "--data.num_instances_per_batch",
                          "4", "--data.bucket_by_instances", "true", "--validation.sigmas", "[0.0, 0.5]",
-                         "--lora.init_lora_weights", "pissa")  # fmt: skip
+                         "--lora.init_lora_weights", "pissa")
     assert any(p.startswith("lora: lora.transformer, lora.image_encoder_1 and lora.image_encoder_2 are all false")
-               for p in problems)  # fmt: skip
+               for p in problems)
     assert any(p.startswith("data.num_instances_per_batch: must be >= data.max_num_instances (10)") for p in problems)
     assert any(p.startswith("data.bucket_by_instances: only applies to data.batching: packed") for p in problems)
     assert "validation.sigmas: every sigma must be in (0, 1], got 0.0" in problems
@@ -120,7 +106,7 @@ def test_environment_checks(tmp_path):
     problems = _problems("--train.mixed_precision", "fp16", "--optimizer.name", "adamw_8bit", "--logging.report_to",
                          "wandb", "--data.root", str(tmp_path / "none"), "--model.pretrained_model_name_or_path",
                          str(tmp_path / "weights"), "--checkpointing.resume_from_checkpoint", str(tmp_path / "ckpt"),
-                         environment=True)  # fmt: skip
+                         environment=True)
     text = "\n".join(problems)
     import importlib.util
 
@@ -133,7 +119,7 @@ def test_environment_checks(tmp_path):
     if importlib.util.find_spec("wandb") is None:
         assert "logging.report_to: wandb needs the wandb package (pip install wandb); or use tensorboard" in problems
     assert "data.root:" in text and "prepare_data.py" in text and "synthetic_if_missing" in text
-    assert f"model.pretrained_model_name_or_path: {tmp_path / 'weights'} is not a folder" in text
+    assert f"model.pretrained_model_name_or_path: {tmp_path / 'weights'}: model folder not found" in text
     assert "checkpointing.resume_from_checkpoint:" in text
 
 
@@ -142,7 +128,7 @@ def test_model_structure_checks():
 
     cfg = load_config(None, ["--model.mi_blocks", "[blocks.3, blocks.9]", "--lora.target_modules", "[to_q, to_qq]",
                              "--lora.image_encoder_1", "true", "--lora.image_encoder_1_target_modules", "q_proj,qproj",
-                             "--data.max_tokens_per_batch", "10"])  # fmt: skip
+                             "--data.max_tokens_per_batch", "10"])
     problems = check_model_setup(cfg)
     assert problems == [
         "model.mi_blocks: 'blocks.9' does not exist; the transformer has blocks.0 ... blocks.4 (upstream MIDI uses "
@@ -155,13 +141,14 @@ def test_model_structure_checks():
     from conftest import UPSTREAM_PIPELINE
 
     cfg = load_config(None, ["--model.pretrained_model_name_or_path", str(UPSTREAM_PIPELINE),
-                             "--model.mi_blocks", "[blocks.3]", "--lora.target_modules", "[nothing]"])  # fmt: skip
+                             "--model.mi_blocks", "[blocks.3]", "--lora.target_modules", "[nothing]"])
     assert check_model_setup(cfg)[0].startswith("lora.target_modules: 'nothing' matches no Linear module")
 
 
-def test_round_trip_and_docs():
+def test_round_trip_and_docs(tmp_path):
     cfg = load_config(REPO / "configs" / "train" / "tiny.yaml", ["--lora.rank", "4"])
-    assert config_from_dict(yaml.safe_load(config_to_yaml(cfg))) == cfg
+    (saved := tmp_path / "saved.yaml").write_text(config_to_yaml(cfg))
+    assert load_config(saved) == cfg
     commented = config_to_yaml(cfg, comments=True)
     assert all(key_doc(k) for k in all_keys())
     assert "rank: 4  # LoRA rank r" in commented
@@ -177,7 +164,7 @@ def test_bad_config_fails_fast_from_the_command_line():
     """A bad config exits with code 2 before torch/diffusers are imported (well under a second of work)."""
     code = ("import sys, train_lora; rc = train_lora.main(['--config', 'configs/train/tiny.yaml', "
             "'--train.batch_size', '0']); heavy = [m for m in ('torch', 'diffusers', 'transformers') "
-            "if m in sys.modules]; print(rc, heavy)")  # fmt: skip
+            "if m in sys.modules]; print(rc, heavy)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "2 []"
     assert "error: configs/train/tiny.yaml: train.batch_size: must be >= 1, got 0" in result.stderr
@@ -194,7 +181,7 @@ def test_print_config(capsys):
 @pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "nan", "inf"])
 def test_non_finite_numbers_are_refused(value):
     assert _problems("--optimizer.learning_rate", value) == [f"optimizer.learning_rate: must be a finite number, got "
-                                                            f"{yaml.safe_load(value)!r}"]  # fmt: skip
+                                                            f"{yaml.safe_load(value)!r}"]
 
 
 def test_a_mistyped_data_root_gets_no_synthetic_set(tmp_path, monkeypatch):
@@ -203,7 +190,7 @@ def test_a_mistyped_data_root_gets_no_synthetic_set(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # tiny.yaml's own root (outputs/tiny-data) is missing here: the demo still works
     assert load_config(tiny, environment=True).data.synthetic_if_missing == 8
     (line,) = [p for p in _problems("--data.root", str(tmp_path / "typo"), path=tiny, environment=True)
-               if p.startswith("data.root")]  # fmt: skip
+               if p.startswith("data.root")]
     assert "does not exist" in line and "--data.synthetic_if_missing" in line
     asked = load_config(tiny, ["--data.root", "mine", "--data.synthetic_if_missing", "3"], environment=True)
     assert (asked.data.root, asked.data.synthetic_if_missing) == ("mine", 3)

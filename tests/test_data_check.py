@@ -168,7 +168,7 @@ def test_empty_dataset_or_empty_train_split_fails_the_check(tmp_path):
 
 def test_manifest_scene_without_id_is_a_one_line_error(tmp_path):
     from midi.data.dataset import open_dataset
-    from midi.data.errors import DataError
+    from midi.errors import DataError
 
     write_synthetic_dataset(tmp_path, 1, seed=3, image_size=32, num_samples=256)
     manifest = _manifest(tmp_path)

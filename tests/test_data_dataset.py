@@ -11,10 +11,10 @@ from _data_helpers import SCENES, front3d_from_prepared
 from PIL import Image
 
 from midi.data.dataset import SceneRecord, load_scene_sample, open_dataset
-from midi.data.errors import DataError
 from midi.data.images import read_label_map, read_rgb, resize_labels
 from midi.data.surface_io import save_surface
 from midi.data.synthetic import write_synthetic_dataset
+from midi.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -149,9 +149,9 @@ def test_colour_map_outside_palette_orders_by_grey_level(tmp_path):
     rgb[0, :2] = (10, 200, 30)  # grey ~123: second
     rgb[1, :2] = (200, 10, 10)  # grey ~66: first
     rgb[2, :2] = (250, 250, 200)  # grey ~244: third
-    Image.fromarray(rgb).save(tmp_path / "coded.png")
+    Image.fromarray(np.kron(rgb, np.ones((4, 4, 1), np.uint8))).save(tmp_path / "coded.png")  # flat areas, not lines
     labels = read_label_map(tmp_path / "coded.png")
-    assert labels[1, 0] == 1 and labels[0, 0] == 2 and labels[2, 0] == 3 and labels[3, 0] == 0
+    assert labels[4, 0] == 1 and labels[0, 0] == 2 and labels[8, 0] == 3 and labels[12, 0] == 0
 
 
 def test_invalid_front3d_room_list_is_a_one_line_error(dataset, tmp_path):

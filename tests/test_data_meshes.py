@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import trimesh
 
-from midi.data.errors import DataError
 from midi.data.meshes import (
     joint_normalization,
     load_instances,
@@ -16,6 +15,7 @@ from midi.data.meshes import (
     object_rng,
     sample_surface,
 )
+from midi.errors import DataError
 
 MESHES = Path(__file__).parent / "data" / "meshes"
 

@@ -149,7 +149,7 @@ def test_resume_skips_finished_scenes(tmp_path):
 
 def test_resume_refuses_other_settings(tmp_path):
     write_synthetic_dataset(tmp_path, 1, image_size=32, num_samples=128)
-    from midi.data.errors import UsageError
+    from midi.errors import UsageError
 
     with pytest.raises(UsageError, match="num_surface_points=128"):
         write_synthetic_dataset(tmp_path, 1, image_size=32, num_samples=256)
@@ -253,14 +253,14 @@ def test_cli_exit_codes(tmp_path, capsys):
 def test_cli_runs_as_a_script(tmp_path):
     out = tmp_path / "syn"
     cmd = [sys.executable, str(ROOT / "prepare_data.py"), "--synthetic", "2", "--output_dir", str(out),
-           "--image_size", "32", "--num_samples", "128", "--workers", "2", "--no_progress"]  # fmt: skip
+           "--image_size", "32", "--num_samples", "128", "--workers", "2", "--no_progress"]
     result = subprocess.run(
         cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)}
     )
     assert result.returncode == 0, result.stderr
     assert "prepared 2 scene(s)" in result.stdout
     check = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--check", str(out)],
-                           capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+                           capture_output=True, text=True, cwd=ROOT)
     assert check.returncode == 0, check.stdout + check.stderr
     assert (out / "contact_sheet.png").is_file() and (out / "check_report.json").is_file()
 
@@ -302,7 +302,7 @@ def _boxes_inputs(root: Path, names) -> Path:
 def test_resume_refuses_other_background_margin_views_seed(tmp_path):
     from dataclasses import replace
 
-    from midi.data.errors import UsageError
+    from midi.errors import UsageError
 
     inputs = _boxes_inputs(tmp_path / "in", ["s0"])
     prepare_dataset(inputs, tmp_path / "out", OPTIONS)
@@ -322,7 +322,7 @@ def test_resume_refuses_other_background_margin_views_seed(tmp_path):
 
 
 def test_corrupt_manifest_on_resume_is_a_one_line_error(tmp_path):
-    from midi.data.errors import DataError
+    from midi.errors import DataError
 
     inputs = _boxes_inputs(tmp_path / "in", ["s0"])
     prepare_dataset(inputs, tmp_path / "out", OPTIONS)
@@ -499,7 +499,7 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path):
 
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "prepare_data.py"), "--synthetic", "40", "--output_dir", str(out),
-           "--workers", "2", "--image_size", "64", "--num_samples", "256", "--no_progress"]  # fmt: skip
+           "--workers", "2", "--image_size", "64", "--num_samples", "256", "--no_progress"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers: list[int] = []
     try:
@@ -525,7 +525,7 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path):
 
 
 def test_live_lock_refuses_a_second_run(tmp_path):
-    from midi.data.errors import UsageError
+    from midi.errors import UsageError
 
     out = tmp_path / "out"
     out.mkdir()

@@ -8,8 +8,8 @@ import pickle
 import numpy as np
 import pytest
 
-from midi.data.errors import DataError
 from midi.data.surface_io import load_surface, save_surface
+from midi.errors import DataError
 
 
 def _surface(n: int = 64) -> tuple[np.ndarray, np.ndarray]:

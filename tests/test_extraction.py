@@ -18,7 +18,7 @@ from midi.extraction import (
     vae_field,
 )
 from midi.mesh import DEFAULT_BBOX_MAX, DEFAULT_BBOX_MIN, generate_dense_grid_points, marching_cubes_mesh
-from midi.testing import TINY_MI_BLOCKS, tiny_pipeline
+from midi.tiny import TINY_MI_BLOCKS, tiny_pipeline
 
 BOX = float(DEFAULT_BBOX_MAX[0] - DEFAULT_BBOX_MIN[0])
 

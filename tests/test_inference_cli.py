@@ -33,7 +33,7 @@ from midi.inference import (
     save_outputs,
 )
 from midi.lora import export_lora, lora_config_dict
-from midi.testing import TINY_MI_BLOCKS, tiny_pipeline
+from midi.tiny import TINY_MI_BLOCKS, tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENES = ROOT / "tests" / "data" / "scenes"
@@ -460,11 +460,11 @@ def test_upstream_custom_adapter_without_metadata(tmp_path, caplog):
 
 
 def test_mi_blocks_follow_the_model_or_the_flag(tmp_path, lora_dir):
-    from midi import testing
+    from midi import tiny
     from midi.inference import default_mi_blocks
 
-    testing.main(["save", str(tmp_path / "tiny")])
-    assert mi_blocks_of(build_pipeline(ModelOptions(str(tmp_path / "tiny"))).pipe) == TINY_MI_BLOCKS  # was 8-12
+    tiny.main(["save", str(tmp_path / "tiny")])
+    assert mi_blocks_of(build_pipeline(ModelOptions(str(tmp_path / "tiny"))).pipe) == list(TINY_MI_BLOCKS)  # was 8-12
     assert mi_blocks_of(build_pipeline(ModelOptions("tiny", mi_blocks=["blocks.1"])).pipe) == ["blocks.1"]
     flagged = build_pipeline(ModelOptions("tiny", lora_path=lora_dir, mi_blocks=["blocks.0", "blocks.2"])).pipe
     assert mi_blocks_of(flagged) == ["blocks.0", "blocks.2"]

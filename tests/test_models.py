@@ -105,7 +105,7 @@ def test_mi_attention_rejects_bad_counts(batch, counts, per_batch, message):
 
 
 def test_mi_processor_without_num_instances_raises(tiny_pipe):
-    from midi.testing import TINY_MI_BLOCKS
+    from midi.tiny import TINY_MI_BLOCKS
 
     tiny_pipe.init_custom_adapter(set_self_attn_module_names=TINY_MI_BLOCKS)
     x, ehs, ehs2 = torch.randn(2, 64, 8), torch.randn(2, 1, 16), torch.randn(2, 17, 32)
@@ -176,7 +176,7 @@ def test_gradient_checkpointing_same_gradients(tiny_pipe):
 
 def test_lora_starts_as_identity_and_scale_zero_is_base(tiny_pipe):
     from midi.lora import lora_config_dict
-    from midi.testing import TINY_MI_BLOCKS
+    from midi.tiny import TINY_MI_BLOCKS
 
     tiny_pipe.init_custom_adapter(TINY_MI_BLOCKS, exact_module_names=True)
     x, t, e1, e2 = _inputs()
@@ -199,7 +199,7 @@ def test_lora_starts_as_identity_and_scale_zero_is_base(tiny_pipe):
 def test_custom_adapter_round_trip_and_strict_errors(tiny_pipe, tmp_path):
     from midi.loaders.custom_adapter import AdapterError
     from midi.lora import lora_config_dict
-    from midi.testing import TINY_MI_BLOCKS, tiny_pipeline
+    from midi.tiny import TINY_MI_BLOCKS, tiny_pipeline
 
     config = lora_config_dict(4, 8, init_lora_weights=False)
     tiny_pipe.init_custom_adapter(TINY_MI_BLOCKS, transformer_lora_config=config, exact_module_names=True)
@@ -318,7 +318,7 @@ def test_load_errors_image_encoder_weights(pipeline_copy):
 def test_pipeline_defaults_num_instances_and_checks_inputs(tiny_pipe):
     from PIL import Image
 
-    from midi.testing import TINY_MI_BLOCKS
+    from midi.tiny import TINY_MI_BLOCKS
 
     tiny_pipe.init_custom_adapter(TINY_MI_BLOCKS)
     img = [Image.new("RGB", (40, 40), c) for c in ("red", "green")]
@@ -368,7 +368,7 @@ def test_vae_fps_is_deterministic_and_spread():
 def test_num_images_per_prompt_keeps_scene_groups(tiny_pipe):
     from PIL import Image
 
-    from midi.testing import TINY_MI_BLOCKS
+    from midi.tiny import TINY_MI_BLOCKS
 
     img = [Image.new("RGB", (32, 32), c) for c in ("red", "green", "blue")]
     masks = [Image.new("L", (32, 32), 255)] * 3
@@ -396,7 +396,7 @@ def test_per_component_dtype():
 def test_read_lora_errors_are_one_line(tmp_path):
     from midi.loaders.custom_adapter import AdapterError
     from midi.lora import export_lora, lora_config_dict, read_lora
-    from midi.testing import TINY_MI_BLOCKS, tiny_pipeline
+    from midi.tiny import TINY_MI_BLOCKS, tiny_pipeline
 
     with pytest.raises(AdapterError, match="does not exist"):
         read_lora(tmp_path / "nope")
@@ -426,22 +426,22 @@ def _fixed_forward(transformer) -> torch.Tensor:
 def test_tiny_pipeline_saved_in_release_layout_loads_back(tmp_path):
     from PIL import Image
 
-    from midi import MIDIPipeline, testing
+    from midi import MIDIPipeline, tiny
     from midi.pipelines.loading import COMPONENTS
 
-    testing.main(["save", str(tmp_path / "tiny"), "--seed", "2"])
+    tiny.main(["save", str(tmp_path / "tiny"), "--seed", "2"])
     assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == sorted([*COMPONENTS, "model_index.json"])
-    pipes = [MIDIPipeline.from_pretrained(tmp_path / "tiny"), testing.tiny_pipeline(2)]
+    pipes = [MIDIPipeline.from_pretrained(tmp_path / "tiny"), tiny.tiny_pipeline(2)]
     img = [Image.new("RGB", (40, 40), c) for c in ("red", "green")]
     masks = [Image.new("L", (40, 40), 255)] * 2
     out = []
     for pipe in pipes:
-        pipe.init_custom_adapter(testing.TINY_MI_BLOCKS, exact_module_names=True)
+        pipe.init_custom_adapter(tiny.TINY_MI_BLOCKS, exact_module_names=True)
         pipe.set_progress_bar_config(disable=True)
         out.append(pipe(image=img, mask=masks, image_scene=img, num_inference_steps=2, output_type="latent",
                         generator=torch.Generator().manual_seed(0)).samples)
     assert torch.equal(out[0], out[1])
-    assert not torch.equal(pipes[1].transformer.proj_in.weight, testing.tiny_pipeline(0).transformer.proj_in.weight)
+    assert not torch.equal(pipes[1].transformer.proj_in.weight, tiny.tiny_pipeline(0).transformer.proj_in.weight)
 
 
 def test_exported_adapter_loads_with_peft_and_diffusers_own_loaders(tmp_path):
@@ -450,7 +450,7 @@ def test_exported_adapter_loads_with_peft_and_diffusers_own_loaders(tmp_path):
 
     from midi.inference import ModelOptions, build_pipeline
     from midi.lora import export_lora, lora_config_dict, read_lora
-    from midi.testing import TINY_MI_BLOCKS, tiny_pipeline
+    from midi.tiny import TINY_MI_BLOCKS, tiny_pipeline
 
     def fresh_transformer():
         pipe = tiny_pipeline(0)

@@ -21,7 +21,7 @@ def test_the_promised_configs_exist():
 def test_config_is_valid_for_accelerate(path):
     data = yaml.safe_load(path.read_text())
     for key in ("compute_environment", "distributed_type", "num_processes", "num_machines", "machine_rank",
-                "mixed_precision"):  # fmt: skip
+                "mixed_precision"):
         assert key in data, f"{path.name}: missing {key}"
     assert data["distributed_type"] in {d.value for d in DistributedType}
     assert data["mixed_precision"] == "no", "precision is set by train.mixed_precision"
@@ -58,7 +58,7 @@ def test_deepspeed_gets_the_batch_settings_accelerate_cannot_infer():
 
     from _train_helpers import TINY_YAML
 
-    from midi.config import load_config
+    from midi.config_load import load_config
     from midi.train_setup import configure_deepspeed
 
     path = next(p for p in CONFIGS if p.name == "deepspeed_zero2.yaml")
@@ -66,9 +66,9 @@ def test_deepspeed_gets_the_batch_settings_accelerate_cannot_infer():
     assert data["distributed_type"] == DistributedType.DEEPSPEED.value
     # What accelerate's DeepSpeedPlugin makes of a config without a config file: batch settings "auto".
     ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-          "zero_optimization": {"stage": data["deepspeed_config"]["zero_stage"]}}  # fmt: skip
+          "zero_optimization": {"stage": data["deepspeed_config"]["zero_stage"]}}
     acc = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
-                          state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)))  # fmt: skip
+                          state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)))
     cfg = load_config(str(TINY_YAML), ["--train.batch_size", "3", "--train.gradient_accumulation_steps", "2"])
     configure_deepspeed(acc, cfg)
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2

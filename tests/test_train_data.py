@@ -26,14 +26,14 @@ from midi.train_data import (
 
 @pytest.fixture(scope="module")
 def pipe():
-    from midi.testing import tiny_pipeline
+    from midi.tiny import tiny_pipeline
 
     return tiny_pipeline(0)
 
 
 def _settings(**kw) -> SampleSettings:
     base = dict(num_surface_points=NUM_POINTS, image_size=64, background=(1.0, 1.0, 1.0), min_mask_fraction=0.001,
-                max_num_instances=3)  # fmt: skip
+                max_num_instances=3)
     return SampleSettings(**{**base, **kw})
 
 
@@ -60,7 +60,7 @@ def test_stream_deals_batches_round_robin_and_resumes_mid_epoch():
     stream = iter(full)
     first = [next(stream) for _ in range(9)]  # crosses two epoch boundaries (4 batches per epoch)
     ranks = [iter(StreamBatchSampler(counts, 3, seed=0, tokens_per_instance=64, rank=r, num_processes=2))
-             for r in range(2)]  # fmt: skip
+             for r in range(2)]
     dealt = [next(ranks[k % 2]) for k in range(8)]
     assert dealt == first[:8]
     resumed = iter(StreamBatchSampler(counts, 3, seed=0, tokens_per_instance=64, consumed=5))
@@ -72,7 +72,7 @@ def test_token_budget_and_bucketing():
     counts = [1, 5, 1, 5, 2, 4, 1, 5, 3, 3, 1, 5]
     budget = 6 * 64
     sampler = StreamBatchSampler(counts, batch_size=4, seed=0, tokens_per_instance=64, max_tokens_per_batch=budget,
-                                 bucket_by_instances=True)  # fmt: skip
+                                 bucket_by_instances=True)
     batches = sampler.epoch_batches(0)
     assert sorted(i for b in batches for i in b) == list(range(len(counts)))
     for batch in batches:
@@ -196,7 +196,7 @@ def test_cache_keys_follow_files_and_models(data_root, pipe, tmp_path):
     stat = os.stat(record.surface_paths[0])
     os.utime(record.surface_paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1000))
     assert cache.posterior_path(record.surface_paths[0]) != before[0]  # file changed -> new key
-    from midi.testing import tiny_pipeline
+    from midi.tiny import tiny_pipeline
 
     other = _cache(tiny_pipeline(1), tmp_path, settings)
     assert other.view_path(record, 0) != before[1]  # model changed -> new key

@@ -52,7 +52,7 @@ def test_previews_generate_in_eval_mode_and_restore_training(data_root, tmp_path
     from midi.training import FlowMatchingModel
 
     cfg = tiny_config(data_root, tmp_path / "out", "--lora.dropout", "0.1", "--validation.num_inference_steps", "2",
-                      "--validation.octree_depth", "3")  # fmt: skip
+                      "--validation.octree_depth", "3")
     pipe = build_pipeline(cfg, torch.float32, "cpu")
     for name, param in pipe.transformer.named_parameters():
         if "lora_B" in name:
@@ -145,7 +145,7 @@ def _nan_steps(steps: set[int]):
 
 
 def test_resuming_an_emergency_checkpoint_resets_the_count_and_names_the_scenes(data_root, tmp_path, capsys,
-                                                                               monkeypatch):  # fmt: skip
+                                                                               monkeypatch):
     out = tmp_path / "run"
     monkeypatch.setattr("midi.training.training_step", _nan_steps({1, 2}))
     assert _main(tiny_args(data_root, out, "--train.max_consecutive_nonfinite", "2")) == 2
@@ -153,14 +153,14 @@ def test_resuming_an_emergency_checkpoint_resets_the_count_and_names_the_scenes(
     assert "2 non-finite steps in a row" in line and "non-finite loss in scenes: synthetic_" in line
     monkeypatch.setattr("midi.training.training_step", _nan_steps({1}))  # one more bad step after the resume
     assert _main(tiny_args(data_root, out, "--train.max_consecutive_nonfinite", "2", "--resume_from_checkpoint",
-                           str(out / "emergency-2"), max_steps=4)) == 0  # fmt: skip
+                           str(out / "emergency-2"), max_steps=4)) == 0
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["nonfinite_steps"] == 3 and state["consecutive_nonfinite"] == 0
 
 
 # ----------------------------------------------------------------------------- item 17: a failed start writes nothing
 def test_a_run_that_fails_before_its_first_step_leaves_no_config_or_logs(data_root, tmp_path, capsys, monkeypatch):
-    from midi.data.errors import DataError
+    from midi.errors import DataError
 
     def broken(*args, **kwargs):
         raise DataError("scene_0000: unreadable")
@@ -189,7 +189,7 @@ def _fail_fsync_of(name: str):
 
 @pytest.mark.parametrize("where", ["torch.save", "safetensors", "json"])
 def test_a_full_disk_is_one_error_line_and_keeps_the_previous_checkpoints(data_root, tmp_path, capsys, monkeypatch,
-                                                                          where):  # fmt: skip
+                                                                          where):
     out = tmp_path / "run"
     if where == "torch.save":
         real_save = torch.save

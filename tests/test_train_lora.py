@@ -61,16 +61,16 @@ def _lora(folder) -> dict[str, torch.Tensor]:
 def test_tiny_run_writes_the_promised_artifacts(data_root, tmp_path):
     out = tmp_path / "run"
     args = tiny_args(data_root, out, "--logging.report_to", "tensorboard", "--validation.preview_every_n_steps", "4",
-                     "--checkpointing.checkpoints_total_limit", "1")  # fmt: skip
+                     "--checkpointing.checkpoints_total_limit", "1")
     assert _main(args) == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == ["best", "checkpoint-4", "config.yaml", "logs", "lora-final", "previews"]
     checkpoint = sorted(p.name for p in (out / "checkpoint-4").iterdir())
     assert checkpoint == ["config.yaml", "lora", "optimizer.bin", "random_states_0.pkl", "scheduler.bin",
-                          "trainer_state.json"]  # fmt: skip
+                          "trainer_state.json"]
     final = sorted(p.name for p in (out / "lora-final").iterdir())
     assert final == ["adapter_config.json", "adapter_model.safetensors", "config.yaml", "custom_adapter.safetensors",
-                     "midi_adapter.json"]  # fmt: skip
+                     "midi_adapter.json"]
     meta = json.loads((out / "lora-final" / "midi_adapter.json").read_text())
     assert meta["export_check"]["ok"] and meta["export_check"]["max_abs_diff"] <= meta["export_check"]["tolerance"]
     assert meta["mi_blocks"] == ["blocks.3", "blocks.4"] and meta["training"]["global_step"] == 4
@@ -89,14 +89,14 @@ def test_tiny_run_writes_the_promised_artifacts(data_root, tmp_path):
 
 def test_exported_adapter_loads_into_a_fresh_pipeline(data_root, tmp_path):
     from midi.lora import apply_lora, read_lora
-    from midi.testing import TINY_MI_BLOCKS, tiny_pipeline
+    from midi.tiny import TINY_MI_BLOCKS, tiny_pipeline
 
     out = tmp_path / "run"
     assert _main(tiny_args(data_root, out, max_steps=2)) == 0
     meta = json.loads((out / "lora-final" / "midi_adapter.json").read_text())
     upstream_way = tiny_pipeline(0)  # upstream's API: init_custom_adapter + load_custom_adapter
     upstream_way.init_custom_adapter(set_self_attn_module_names=TINY_MI_BLOCKS, exact_module_names=True,
-                                     transformer_lora_config=meta["lora_configs"]["transformer"])  # fmt: skip
+                                     transformer_lora_config=meta["lora_configs"]["transformer"])
     upstream_way.load_custom_adapter(out / "lora-final", weight_name="custom_adapter.safetensors")
     ours = tiny_pipeline(0)
     adapter = read_lora(out)  # the run folder resolves to lora-final/
@@ -106,7 +106,7 @@ def test_exported_adapter_loads_into_a_fresh_pipeline(data_root, tmp_path):
     x = torch.randn(2, config.width, config.in_channels, generator=g)
     kwargs = dict(encoder_hidden_states=torch.randn(2, 1, config.cross_attention_dim, generator=g),
                   encoder_hidden_states_2=torch.randn(2, 5, config.cross_attention_2_dim, generator=g),
-                  attention_kwargs={"num_instances": 2}, return_dict=False)  # fmt: skip
+                  attention_kwargs={"num_instances": 2}, return_dict=False)
     with torch.no_grad():
         a = upstream_way.transformer.eval()(x, torch.full((2,), 300.0), **kwargs)[0]
         b = ours.transformer.eval()(x, torch.full((2,), 300.0), **kwargs)[0]
@@ -124,7 +124,7 @@ def test_resume_continues_exactly(data_root, tmp_path, monkeypatch):
     of the second epoch, so the data position inside the epoch must be restored too.
     """
     extra = ("--train.gradient_accumulation_steps", "2", "--train.batch_size", "1", "--optimizer.lr_warmup_steps",
-             "1", "--checkpointing.every_n_steps", "1")  # fmt: skip
+             "1", "--checkpointing.every_n_steps", "1")
     losses = _record_losses(monkeypatch)
     assert _main(tiny_args(data_root, tmp_path / "a", *extra)) == 0
     straight = list(losses)
@@ -216,7 +216,7 @@ def test_repeated_nonfinite_steps_stop_with_an_emergency_checkpoint(data_root, t
 def test_bad_input_fails_before_anything_is_written(data_root, tmp_path, capsys):
     out = tmp_path / "run"
     code = _main(tiny_args(data_root, out, "--train.batch_size", "0", "--lora.rank_typo", "3",
-                                     "--data.root", str(tmp_path / "missing")))  # fmt: skip
+                                     "--data.root", str(tmp_path / "missing")))
     err = capsys.readouterr().err.splitlines()
     assert code == 2
     assert f"error: {TINY_YAML}: train.batch_size: must be >= 1, got 0" in err
@@ -249,7 +249,7 @@ def test_dry_run_reports_and_writes_nothing(data_root, tmp_path, capsys):
 @pytest.mark.parametrize("extra", [
     ("--data.batching", "padded", "--data.num_instances_per_batch", "5"),
     ("--data.bucket_by_instances", "true", "--data.max_tokens_per_batch", "320", "--train.batch_size", "3"),
-])  # fmt: skip
+])
 def test_batching_modes_train(data_root, tmp_path, extra, capsys, monkeypatch):
     from midi import training
 
@@ -272,7 +272,7 @@ def test_batching_modes_train(data_root, tmp_path, extra, capsys, monkeypatch):
 
 def test_cache_and_image_encoder_lora(data_root, tmp_path, caplog):
     args = tiny_args(data_root, tmp_path / "run", "--cache.enabled", "true", "--lora.image_encoder_1", "true",
-                     "--lora.image_encoder_2", "true", max_steps=2)  # fmt: skip
+                     "--lora.image_encoder_2", "true", max_steps=2)
     with caplog.at_level("INFO"):
         assert _main(args) == 0
     assert "embeddings change during training and are not cached" in caplog.text
@@ -298,11 +298,11 @@ def test_cache_is_built_once_and_reused(data_root, tmp_path):
 def test_cli_smoke(data_root, tmp_path):
     """The script as users run it: --help, then a short real run in a subprocess."""
     help_text = subprocess.run([sys.executable, "train_lora.py", "--help"], cwd=REPO, capture_output=True,
-                               text=True, check=True).stdout  # fmt: skip
+                               text=True, check=True).stdout
     assert "--resume_from_checkpoint" in help_text and "--dry_run" in help_text
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "train_lora.py", *tiny_args(data_root, out, max_steps=2)], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+                            env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / "lora-final" / "midi_adapter.json").is_file()

@@ -14,11 +14,11 @@ def _inputs(config, rows=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(rows, config.width, config.in_channels, generator=g), torch.full((rows,), 420.0),
             torch.randn(rows, 1, config.cross_attention_dim, generator=g),
-            torch.randn(rows, 4, config.cross_attention_2_dim, generator=g))  # fmt: skip
+            torch.randn(rows, 4, config.cross_attention_2_dim, generator=g))
 
 
 def test_lora_starts_as_the_base_model(tmp_path):
-    from midi.testing import TINY_MI_BLOCKS, tiny_pipeline
+    from midi.tiny import TINY_MI_BLOCKS, tiny_pipeline
 
     cfg = tiny_config(tmp_path, tmp_path / "out")
     pipe = build_pipeline(cfg, torch.float32, "cpu")
@@ -26,7 +26,7 @@ def test_lora_starts_as_the_base_model(tmp_path):
     base.init_custom_adapter(set_self_attn_module_names=TINY_MI_BLOCKS, exact_module_names=True)
     x, t, e1, e2 = _inputs(pipe.transformer.config)
     kwargs = dict(encoder_hidden_states=e1, encoder_hidden_states_2=e2, attention_kwargs={"num_instances": [3]},
-                  return_dict=False)  # fmt: skip
+                  return_dict=False)
     with torch.no_grad():
         ours = pipe.transformer.eval()(x, t, **kwargs)[0]
         reference = base.transformer(x, t, **kwargs)[0]
@@ -63,7 +63,7 @@ def test_packed_scenes_do_not_attend_to_each_other(tmp_path):
 
     def run(rows: slice, counts: list[int], per_batch: int | None = None) -> torch.Tensor:
         batch = TrainBatch(["s"] * len(counts), counts, [per_batch or c for c in counts], per_batch,
-                           embeds_1=e1[rows], embeds_2=e2[rows])  # fmt: skip
+                           embeds_1=e1[rows], embeds_2=e2[rows])
         with torch.no_grad():
             return model(x[rows], t[rows], batch, torch.zeros(x[rows].shape[0], dtype=torch.bool))
 

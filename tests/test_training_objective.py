@@ -36,7 +36,7 @@ def test_interpolation_endpoints_and_target_sign():
     sigma = torch.tensor([0.3, 0.8])
     scheduler = RectifiedFlowScheduler()
     torch.testing.assert_close(scheduler.scale_noise(x0, noise, sigma * NUM_TRAIN_TIMESTEPS),
-                               make_noisy_latents(x0, noise, sigma))  # fmt: skip
+                               make_noisy_latents(x0, noise, sigma))
 
 
 class _IdealFlow:
@@ -46,7 +46,7 @@ class _IdealFlow:
         self.x0, self.sign, self.calls = x0, sign, []
 
     def __call__(self, hidden_states, timestep, encoder_hidden_states=None, encoder_hidden_states_2=None,
-                 attention_kwargs=None, return_dict=True, **_):  # fmt: skip
+                 attention_kwargs=None, return_dict=True, **_):
         sigma = timestep.float() / NUM_TRAIN_TIMESTEPS
         self.calls.append(attention_kwargs)
         x0 = self.x0.repeat(hidden_states.shape[0] // self.x0.shape[0], 1, 1)
@@ -55,7 +55,7 @@ class _IdealFlow:
 
 @pytest.mark.parametrize("steps", [1, 7, 50])
 def test_ideal_velocity_drives_the_midi_pipeline_onto_the_scene(tiny_pipe, monkeypatch, steps):
-    from midi.testing import TINY_MI_BLOCKS
+    from midi.tiny import TINY_MI_BLOCKS
 
     tiny_pipe.init_custom_adapter(set_self_attn_module_names=TINY_MI_BLOCKS, exact_module_names=True)
     config = tiny_pipe.transformer.config
@@ -69,7 +69,7 @@ def test_ideal_velocity_drives_the_midi_pipeline_onto_the_scene(tiny_pipe, monke
         stand_in = _IdealFlow(x0, sign)
         monkeypatch.setattr(tiny_pipe.transformer, "forward", stand_in)
         out = tiny_pipe(images, masks, images, num_inference_steps=steps, guidance_scale=1.0, latents=noise.clone(),
-                        output_type="latent").samples  # fmt: skip
+                        output_type="latent").samples
         assert stand_in.calls[0]["num_instances"] == 3
         return out
 
@@ -104,7 +104,7 @@ def test_ideal_velocity_gives_zero_training_loss(tiny_pipe):
 
 def _objective(**kw):
     base = dict(sample_posterior=True, timestep_sampling="logit_normal", logit_mean=0.0, logit_std=1.0,
-                mode_scale=None, condition_drop_prob=0.0, loss_weighting="none")  # fmt: skip
+                mode_scale=None, condition_drop_prob=0.0, loss_weighting="none")
     return type("O", (), {**base, **kw})
 
 
@@ -127,7 +127,7 @@ def _batch(rows=(2, 3, 1)) -> TrainBatch:
     total = sum(rows)
     return TrainBatch([f"s{i}" for i in range(len(rows))], list(rows), list(rows),
                       posterior=torch.randn(total, 64, 16), embeds_1=torch.randn(total, 1, 4) + 5,
-                      embeds_2=torch.randn(total, 3, 4) + 5)  # fmt: skip
+                      embeds_2=torch.randn(total, 3, 4) + 5)
 
 
 def test_one_sigma_per_scene_shared_by_its_instances():
@@ -182,7 +182,7 @@ def test_batches_pin_their_tensors_for_the_dataloader(monkeypatch):
 def test_condition_dropout_is_per_scene_and_drops_both_encoders(prob):
     model, batch = _Recorder(), _batch((2, 3, 1, 2, 2, 3))
     out = training_step(model, None, RectifiedFlowScheduler(), batch, _objective(condition_drop_prob=prob), 64,
-                        torch.Generator().manual_seed(1))  # fmt: skip
+                        torch.Generator().manual_seed(1))
     dropped_rows = repeat_per_scene(out.dropped, batch.rows_per_scene)
     for key in ("e1", "e2"):
         seen = model.seen[key]
@@ -212,7 +212,7 @@ def test_loss_weighting_is_per_row():
     w = compute_loss_weighting("sigma_sqrt", sigma)
     torch.testing.assert_close(flow_matching_loss(pred, target, w), torch.tensor((4 + 4 + 16) / 3))
     torch.testing.assert_close(flow_matching_loss(pred, target, compute_loss_weighting("none", sigma)),
-                               torch.tensor(1.0))  # fmt: skip
+                               torch.tensor(1.0))
 
 
 def test_x0_is_seeded_and_fresh_per_draw(tiny_pipe):
@@ -249,7 +249,7 @@ def test_overfitting_one_scene_then_sampling_reaches_it(sign, monkeypatch, tmp_p
     from midi import MIDIPipeline, training
     from midi.data.dataset import load_scene_sample, open_dataset
     from midi.data.synthetic import write_synthetic_dataset
-    from midi.testing import TINY_MI_BLOCKS
+    from midi.tiny import TINY_MI_BLOCKS
     from midi.train_data import ConditionPreprocessor
 
     torch.set_num_threads(1)
@@ -266,7 +266,7 @@ def test_overfitting_one_scene_then_sampling_reaches_it(sign, monkeypatch, tmp_p
         e1, _ = pipe.encode_image_1(pixels["pixels_1"], "cpu")
         e2, _ = pipe.encode_image_2(pixels["pixels_2_instance"], pixels["pixels_2_scene"], pixels["masks"], "cpu")
     kwargs = dict(encoder_hidden_states=e1, encoder_hidden_states_2=e2, attention_kwargs={"num_instances": n},
-                  return_dict=False)  # fmt: skip
+                  return_dict=False)
     transformer = pipe.transformer
     g = torch.Generator().manual_seed(0)
 

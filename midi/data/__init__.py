@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from midi.data.errors import DataError, UsageError
+from midi.errors import DataError, UsageError
 
 _LAZY = {
     "open_dataset": "midi.data.dataset",

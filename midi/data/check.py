@@ -28,9 +28,9 @@ from midi.data.dataset import (
     open_dataset,
     read_manifest,
 )
-from midi.data.errors import DataError
 from midi.data.images import open_image, read_label_map
 from midi.data.surface_io import load_surface
+from midi.errors import DataError
 
 REPORT_NAME = "check_report.json"
 SHEET_NAME = "contact_sheet.png"

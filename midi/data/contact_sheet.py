@@ -16,9 +16,9 @@ from PIL import Image, ImageDraw
 
 from midi.data import layout
 from midi.data.camera import Camera, camera_record, project_points
-from midi.data.errors import DataError
 from midi.data.images import colourise_labels, instance_colours, open_image, read_label_map, save_png
 from midi.data.surface_io import load_surface
+from midi.errors import DataError
 
 TILE = 160
 HEADER = 16

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from midi.data import front3d, layout
-from midi.data.errors import DataError
 from midi.data.images import Colour, read_label_map, read_rgb, resize_labels, resize_rgb
 from midi.data.surface_io import load_surface
+from midi.errors import DataError
 
 DEFAULT_MIN_MASK_FRACTION = 0.001  # MIDI's test config: masks with <= 0.1% of the pixels are dropped
 

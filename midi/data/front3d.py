@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from midi.data.errors import DataError
 from midi.data.layout import inside, safe_name
+from midi.errors import DataError
 
 RENDER_DIR = "3D-FRONT-RENDER"
 SURFACE_DIR = "3D-FRONT-SURFACE"

@@ -16,7 +16,6 @@ import numpy as np
 
 from midi.data.camera import Camera
 from midi.data.dataset import check_labels
-from midi.data.errors import DataError
 from midi.data.images import Colour
 from midi.data.meshes import (
     DEFAULT_BOUND,
@@ -28,6 +27,7 @@ from midi.data.meshes import (
     sample_surface,
     validate_mesh,
 )
+from midi.errors import DataError
 
 T = TypeVar("T")
 

@@ -22,7 +22,7 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from midi.data.errors import DataError
+from midi.errors import DataError
 
 FORMAT = "midi-scenes"
 VERSION = 1

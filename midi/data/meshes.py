@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
-from midi.data.errors import DataError
+from midi.errors import DataError
 
 MESH_SUFFIXES = (".obj", ".glb", ".gltf", ".ply", ".stl", ".off")
 DEFAULT_BOUND = 0.95  # half-extent after normalisation: a 5% margin inside [-1, 1]

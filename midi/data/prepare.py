@@ -38,11 +38,11 @@ from tqdm import tqdm
 
 from midi.data import layout
 from midi.data.atomic import commit_dir, make_tmp_dir, remove_stale_tmp, write_json
-from midi.data.errors import DataError, UsageError
 from midi.data.images import labels_to_image, save_png
 from midi.data.jobs import ObjectData, PrepareOptions, SceneContent, SceneJob, ViewData
 from midi.data.surface_io import save_surface
 from midi.data.threads import pid_alive, single_threaded_blas, worker_init
+from midi.errors import DataError, UsageError
 
 REPORT_NAME = "prepare_report.json"
 LOCK_NAME = ".prepare.lock"
@@ -200,7 +200,7 @@ def output_lock(output_dir: Path) -> Iterator[None]:
                 pid = None
             if pid is not None and pid != os.getpid() and pid_alive(pid):
                 raise UsageError(f"{path}: another prepare run (pid {pid}) is writing into {output_dir}; "
-                                 "wait for it, or delete the lock if no such run is going on") from None  # fmt: skip
+                                 "wait for it, or delete the lock if no such run is going on") from None
             path.unlink(missing_ok=True)
     else:
         raise UsageError(f"{path}: cannot take the lock (other runs keep taking it)")
@@ -213,7 +213,7 @@ def output_lock(output_dir: Path) -> Iterator[None]:
 
 
 def _run_locked(output_dir: Path, jobs: Sequence[SceneJob], options: PrepareOptions, workers: int,
-                progress: bool, strict: bool) -> PrepareReport:  # fmt: skip
+                progress: bool, strict: bool) -> PrepareReport:
     scenes = output_dir / layout.SCENES_DIR
     scenes.mkdir(parents=True, exist_ok=True)
     check_resume_settings(output_dir, options)
@@ -336,7 +336,7 @@ def process_job(job: SceneJob, output_dir: Path, options: PrepareOptions) -> Sce
         {"object": o.name, "detail": o.info["warning"]} for o in content.objects if o.info.get("warning")
     ]
     return SceneOutcome(job.scene_id, "written", num_objects=len(content.objects),
-                        seconds=time.perf_counter() - start, warnings=warnings)  # fmt: skip
+                        seconds=time.perf_counter() - start, warnings=warnings)
 
 
 def write_scene(output_dir: Path, scene_id: str, content: SceneContent, options: PrepareOptions) -> Path:
@@ -460,13 +460,13 @@ def check_resume_settings(output_dir: Path, options: PrepareOptions) -> None:
     if old is None:
         record = next(iter(finished_scenes(output_dir).values()), {})
         old = {k: record[k] for k in ("num_surface_points", "image_size", "surface_format", "background", "seed")
-               if k in record}  # fmt: skip
+               if k in record}
         norm = record.get("normalization")
         if isinstance(norm, dict) and "bound" in norm:
             old["bound"] = norm["bound"]
     wanted = {"num_surface_points": options.num_samples, "image_size": options.image_size,
               "surface_format": options.surface_format, "background": list(options.background),
-              "bound": options.bound, "views": options.views, "seed": options.seed}  # fmt: skip
+              "bound": options.bound, "views": options.views, "seed": options.seed}
     for key, value in wanted.items():
         if key not in old:
             continue

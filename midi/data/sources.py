@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from midi.data import front3d, layout
-from midi.data.errors import DataError
 from midi.data.images import (
     pad_to_square,
     read_label_map,
@@ -45,6 +44,7 @@ from midi.data.jobs import (
 from midi.data.layout import detect_layout, safe_name, unique_names
 from midi.data.meshes import MESH_SUFFIXES, NamedMesh, is_mesh_file, load_instances, load_object
 from midi.data.surface_io import load_surface
+from midi.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 ID_SUFFIXES = ("_ids", "_seg", "_id", "_instances")
@@ -233,7 +233,7 @@ def find_view_pairs(folder: Path, textures: set[str] = frozenset()) -> list[tupl
     images = sorted(
         p for p in folder.iterdir()
         if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and p.name.lower() not in textures
-    )  # fmt: skip
+    )
     maps = {p.stem.lower(): p for p in images if _is_id_map(p.stem)}
     pairs, used = [], set()
     for image in (p for p in images if not _is_id_map(p.stem)):

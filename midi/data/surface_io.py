@@ -25,7 +25,7 @@ from numpy._core import multiarray as _multiarray  # the home of _reconstruct in
 from numpy._core import numeric as _numeric
 
 from midi.data.atomic import atomic_write
-from midi.data.errors import DataError
+from midi.errors import DataError
 
 SURFACE_KEYS = ("surface_points", "surface_normals")
 SURFACE_SUFFIXES = (".npy", ".npz")
@@ -53,7 +53,7 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 # One line telling the user how to turn a refused (but trusted) file into a plain (P, 6) .npy.
 _CONVERT = ("if you trust it, convert it with: python -c \"import numpy as np, sys; d = np.load(sys.argv[1], "
             "allow_pickle=True).item(); np.save(sys.argv[1], np.concatenate([np.asarray(d['surface_points']), "
-            "np.asarray(d['surface_normals'])], 1))\" {path}")  # fmt: skip
+            "np.asarray(d['surface_normals'])], 1))\" {path}")
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

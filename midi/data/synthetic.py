@@ -16,7 +16,6 @@ import numpy as np
 import trimesh
 
 from midi.data.camera import Camera
-from midi.data.errors import DataError
 from midi.data.images import Colour
 from midi.data.jobs import (
     PrepareOptions,
@@ -29,6 +28,7 @@ from midi.data.jobs import (
 )
 from midi.data.meshes import NamedMesh
 from midi.data.prepare import PrepareReport, run_jobs
+from midi.errors import DataError
 
 PRIMITIVES = ("box", "sphere", "cylinder", "cone", "torus", "capsule")
 MAX_ATTEMPTS = 20
@@ -71,7 +71,7 @@ def _capsule(rng: np.random.Generator) -> trimesh.Trimesh:
 
 _MAKERS: dict[str, Callable[[np.random.Generator], trimesh.Trimesh]] = {
     "box": _box, "sphere": _sphere, "cylinder": _cylinder, "cone": _cone, "torus": _torus, "capsule": _capsule,
-}  # fmt: skip
+}
 
 
 def make_primitive(kind: str, rng: np.random.Generator) -> trimesh.Trimesh:
@@ -116,7 +116,7 @@ def place_on_floor(radii: list[float], rng: np.random.Generator, gap: float = FO
 
 
 def _draw_spot(placed: list[np.ndarray], radii: list[float], r: float, half: float, gap: float,
-               rng: np.random.Generator) -> np.ndarray | None:  # fmt: skip
+               rng: np.random.Generator) -> np.ndarray | None:
     for _ in range(200):
         spot = rng.uniform(-half + r, half - r, size=2) if half > r else np.zeros(2)
         if all(np.linalg.norm(spot - p) >= r + radii[i] + gap for i, p in enumerate(placed)):
@@ -219,7 +219,7 @@ def write_synthetic_dataset(
     options = PrepareOptions(
         num_samples=num_samples, image_size=image_size, surface_format=surface_format, views=views,
         camera=camera or Camera(), background=background, seed=seed, val_fraction=val_fraction,
-    )  # fmt: skip
+    )
     return run_jobs(
         Path(output_dir), synthetic_jobs(num_scenes, seed), options, workers=workers, progress=progress
     )

@@ -21,18 +21,18 @@ import transformers
 from peft import LoraConfig
 from transformers import Dinov2Model
 
+from midi import errors
+from midi.config import DEFAULT_MI_BLOCKS  # noqa: F401  (old import path)
 from midi.data.atomic import atomic_write, save_safetensors
 from midi.models.attention_processor import MIAttnProcessor2_0
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_PREFIXES = ("transformer.", "image_encoder_1.", "image_encoder_2.")
-DEFAULT_MI_BLOCKS = ["blocks.8", "blocks.9", "blocks.10", "blocks.11", "blocks.12"]
 PATCH_PROJECTION_KEY = "embeddings.patch_embeddings.projection.weight"
 
 
-class AdapterError(ValueError):
-    """A custom-adapter file does not fit the pipeline it is loaded into."""
+AdapterError = errors.AdapterError  # its old import path
 
 
 def expand_patch_projection(weight: torch.Tensor, num_channels: int, method: str = "clone") -> torch.Tensor:

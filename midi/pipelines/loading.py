@@ -17,6 +17,8 @@ import torch
 import transformers
 from safetensors import safe_open
 
+from midi.config import DOWNLOAD_HINT
+from midi.errors import ModelError
 from midi.models.autoencoders.autoencoder_kl_triposg import TripoSGVAEModel
 from midi.models.transformers.triposg_transformer import TripoSGDiTModel
 from midi.schedulers.scheduling_rectified_flow import RectifiedFlowScheduler
@@ -35,8 +37,7 @@ TRANSFORMERS_ALLOWED = {
 }
 
 
-class PipelineLoadError(ValueError):
-    """A pipeline folder cannot be loaded as a MIDI-3D pipeline."""
+PipelineLoadError = ModelError  # its old name (tests and the README name it)
 
 
 def resolve_pipeline_folder(path: str | Path) -> Path:
@@ -51,7 +52,7 @@ def resolve_pipeline_folder(path: str | Path) -> Path:
     except Exception:
         raise PipelineLoadError(
             f"{path}: not a folder, and not a Hub repo id in the local cache (download it first, e.g. "
-            "`hf download VAST-AI/MIDI-3D --local-dir pretrained_weights/MIDI-3D`)"
+            f"`{DOWNLOAD_HINT}`)"
         ) from None
 
 
@@ -87,7 +88,8 @@ def _weight_shapes(folder: Path) -> tuple[dict[str, tuple[int, ...]], Path] | No
     return shapes, files[0]
 
 
-def _build_on_meta(name: str, model_cls: type, folder: Path) -> torch.nn.Module:
+def build_on_meta(name: str, model_cls: type, folder: Path) -> torch.nn.Module:
+    """``model_cls`` built from the component folder's ``config.json`` on the meta device (no weights)."""
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise PipelineLoadError(f"{folder}: component '{name}' has no config.json")
@@ -107,7 +109,7 @@ def check_weights(name: str, model_cls: type, folder: Path) -> None:
     Raises:
         PipelineLoadError: naming the component, the key and expected vs found shapes.
     """
-    model = _build_on_meta(name, model_cls, folder)
+    model = build_on_meta(name, model_cls, folder)
     found = _weight_shapes(folder)
     if found is None:
         if not any(folder.glob("*.bin")):
