@@ -34,9 +34,9 @@ from tqdm.auto import tqdm
 import midi
 from midi.data.atomic import write_json, write_text
 from midi.data.dataset import open_dataset
-from midi.data.errors import DataError
 from midi.data.images import save_png
 from midi.data.layout import detect_layout
+from midi.errors import DataError
 from midi.evaluation import ALIGNMENTS, MAX_OBJECT_CD, score_points
 from midi.evaluation.metrics import ICP_ITERATIONS, ICP_POINTS, ICP_TOLERANCE
 from midi.evaluation.predictions import (

@@ -10,15 +10,15 @@ Examples::
     python inference_with_lora.py ... --pretrained_model_name_or_path tiny   # small random demo model
 
 Writes ``room.glb`` (one node per instance, named ``instance_<label>``), ``room.png`` (a preview)
-and, with ``--save_instances``, ``room_<name>.glb`` per instance. See :mod:`midi.inference` for
-the accepted instance maps and the instance order.
+and, with ``--save_instances``, ``room_<name>.glb`` per instance. See :mod:`midi.inference.scene`
+for the accepted instance maps and the instance order.
 
 Exit status: 0 done; 2 bad input (one line ``error: <file>: <problem>`` on stderr, nothing
-written) or an output that cannot be written (``error: <file>: <reason>``, e.g. disk full or no
+written); 1 an output that cannot be written (``error: <file>: <reason>``, e.g. disk full or no
 permission; none of that scene's files is left, and batch mode stops there since the next scenes
-would fail the same way; scenes already done are kept); 1 a scene produced no surface at all or
-ran out of memory (``error: <scene>: out of memory during <stage>; ...``; batch mode goes on with
-the next scene).
+would fail the same way; scenes already done are kept), a scene that produced no surface at all,
+or one that ran out of memory (``error: <scene>: out of memory during <stage>; ...``; batch mode
+goes on with the next scene after these two).
 
 RGBA images are composited on white by default; upstream's script drops the alpha channel
 instead, so ``--instance_order upstream`` alone does not reproduce upstream's results for RGBA
@@ -32,29 +32,16 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import NoReturn
 
-from midi.inference import (
+from midi.config import DEFAULT_MODEL_DIR, check_model_path, is_tiny
+from midi.errors import InputError, OutOfMemory, one_line, run_cli
+from midi.inference.export import MESH_FORMATS, output_format, save_outputs, summary_line
+from midi.inference.scene import (
     DEFAULT_MAX_INSTANCES,
-    DEFAULT_MODEL,
-    MESH_FORMATS,
-    GenerationOptions,
-    InputError,
     InputOptions,
-    ModelOptions,
-    OutOfMemory,
-    OutputError,
-    build_pipeline,
-    check_model_path,
     find_pairs,
-    is_out_of_memory,
-    one_line,
-    output_format,
     prepare_scene,
     read_label_names,
-    run_scene,
-    save_outputs,
-    summary_line,
 )
 
 logger = logging.getLogger("inference_with_lora")
@@ -77,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     seg = p.add_argument_group("instance map")
     seg.add_argument("--instance_order", choices=("default", "upstream"), default="default",
-                     help="default: ascending label value (RGB maps: ascending colour); upstream: ascending "
+                     help="default: ascending label value (RGB maps: palette index, else luminance); upstream: "
                           "grey level of the map converted to 'L', upstream's instance order (for upstream "
                           "results on RGBA images add --rgba upstream)")
     seg.add_argument("--rgba", choices=("white", "upstream"), default="white",
@@ -91,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     seg.add_argument("--do_image_padding", action="store_true", help="upstream's padding around the instances")
 
     model = p.add_argument_group("model and LoRA")
-    model.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL,
+    model.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL_DIR,
                        help="MIDI-3D pipeline folder, or 'tiny' (small random model for demos/tests)")
     model.add_argument("--lora_path", type=Path, help="training output folder, its lora-final/, a PEFT adapter "
                                                        "folder or an upstream custom-adapter .safetensors")
@@ -131,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="upstream: index/points (shrinks by 256/257); exact: index/cells")
     args = p.parse_args(argv)
     if args.octree_depth is None:
-        args.octree_depth = TINY_OCTREE_DEPTH if args.pretrained_model_name_or_path == "tiny" else 8
+        args.octree_depth = TINY_OCTREE_DEPTH if is_tiny(args.pretrained_model_name_or_path) else 8
     return args
 
 
@@ -186,21 +173,12 @@ def input_options(args: argparse.Namespace) -> InputOptions:
                         args.label_names, args.rgba)
 
 
-def generation_options(args: argparse.Namespace) -> GenerationOptions:
-    """The :class:`GenerationOptions` of the command line (imports torch via midi.extraction)."""
-    from midi.extraction import ExtractionConfig
-
-    config = ExtractionConfig(method=args.extraction, octree_depth=args.octree_depth, coarse_depth=args.coarse_depth,
-                              dilation=args.c2f_dilation, band_cells=args.c2f_band, num_chunks=args.num_chunks,
-                              smooth=not args.no_smooth, vertex_mapping=args.vertex_mapping,
-                              decode_progressive=args.decode_progressive)
-    return GenerationOptions(args.num_inference_steps, args.guidance_scale, args.seed, config, not args.no_progress)
-
-
-def fail(message: str) -> NoReturn:
-    """Prints ``error: <message>`` and exits with status 2."""
-    print(f"error: {one_line(message)}", file=sys.stderr)
-    raise SystemExit(2)
+def extraction_settings(args: argparse.Namespace) -> dict:
+    """The :class:`midi.inference.extraction.ExtractionConfig` fields of the command line."""
+    return dict(method=args.extraction, octree_depth=args.octree_depth, coarse_depth=args.coarse_depth,
+                dilation=args.c2f_dilation, band_cells=args.c2f_band, num_chunks=args.num_chunks,
+                smooth=not args.no_smooth, vertex_mapping=args.vertex_mapping,
+                decode_progressive=args.decode_progressive)
 
 
 def out_of_memory_message(name: str, stage: str, args: argparse.Namespace) -> str:
@@ -209,60 +187,44 @@ def out_of_memory_message(name: str, stage: str, args: argparse.Namespace) -> st
             "--extraction coarse_to_fine or a lower --octree_depth")
 
 
-def free_device_memory() -> None:
-    """Returns cached CUDA blocks after an out-of-memory error, so the next scene starts clean."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Runs the command line; returns 0, or 1 when some scene had no surface or ran out of memory.
+    """Runs the command line; returns 0, or 1 when some scene had no surface or ran out of memory
+    (``run_cli(main)`` turns the errors below into ``error:`` lines and exit codes).
 
     Raises:
-        SystemExit: status 2 on bad input or an output that cannot be written.
+        InputError: bad options or input files (before the model is loaded), or a model/LoRA that
+            cannot be loaded.
+        OutputError: a scene's files could not be written (batch mode stops there).
     """
     args = parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("midi").setLevel(logging.INFO)
     logger.setLevel(logging.INFO)
-    try:
-        jobs = check_args(args)
-    except InputError as exc:
-        fail(str(exc))
+    jobs = check_args(args)
+    from midi.inference import generation  # deferred: the checks above fail fast without importing torch
 
-    try:
-        loaded = build_pipeline(ModelOptions(args.pretrained_model_name_or_path, args.lora_path, args.lora_scale,
-                                             args.merge_lora, args.device, args.dtype, args.lora_alpha, args.mi_blocks))
-    except InputError as exc:
-        fail(str(exc))
+    loaded = generation.build_pipeline(generation.ModelOptions(
+        args.pretrained_model_name_or_path, args.lora_path, args.lora_scale, args.merge_lora, args.device, args.dtype,
+        args.lora_alpha, args.mi_blocks))
     logger.info("%s", loaded.description)
-    options = generation_options(args)
+    options = generation.GenerationOptions(args.num_inference_steps, args.guidance_scale, args.seed,
+                                           generation.ExtractionConfig(**extraction_settings(args)),
+                                           not args.no_progress)
     status = 0
     for name, rgb, seg, output in jobs:
-        stage = "reading the inputs"
         try:
             scene = prepare_scene(rgb, seg, input_options(args))
             logger.info("%s: %d instances (%s)", name, len(scene.names), ", ".join(scene.names))
-            stage = "denoising"
-            result = run_scene(loaded, scene, options)
-            stage = "export"
+            result = generation.run_scene(loaded, scene, options)
             save_outputs(result, output, args.save_instances, not args.no_preview, args.preview_size)
         except InputError as exc:  # e.g. no instance had a surface; the other scenes go on
             print(f"error: {one_line(str(exc))}", file=sys.stderr)
             status = 1
             continue
-        except OutputError as exc:  # disk full, permission: the next scenes would fail alike
-            fail(str(exc))
-        except OSError as exc:
-            fail(f"{exc.filename or output}: {exc.strerror or exc}")
-        except Exception as exc:  # out of memory: this scene is lost, the next may be smaller
-            if not isinstance(exc, OutOfMemory) and not is_out_of_memory(exc):
-                raise
-            free_device_memory()
-            print(f"error: {one_line(out_of_memory_message(name, getattr(exc, 'stage', stage), args))}",
-                  file=sys.stderr)
+        except OutOfMemory as exc:  # this scene is lost, the next may be smaller
+            generation.free_device_memory()
+            print(f"error: {one_line(out_of_memory_message(name, exc.stage, args))}", file=sys.stderr)
             status = 1
             continue
         logger.info("%s", summary_line(result, output))
@@ -270,4 +232,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

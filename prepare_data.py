@@ -46,11 +46,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from midi.data.camera import Camera
+from midi.data.check import check_dataset
 from midi.data.images import parse_background
-from midi.errors import DataError, UsageError
+from midi.data.jobs import PrepareOptions
+from midi.data.prepare import prepare_dataset, prepare_synthetic
+from midi.errors import UsageError, run_cli
 
 EXIT_OK, EXIT_SKIPPED, EXIT_USAGE = 0, 1, 2
 
@@ -59,20 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument(
-        "--input_dir", type=Path, help="scene folders / scene files / a 3D-Front root to prepare"
-    )
-    mode.add_argument(
-        "--check", type=Path, metavar="DIR", help="validate a prepared dataset or a 3D-Front root"
-    )
+    mode.add_argument("--input_dir", type=Path, help="scene folders / scene files / a 3D-Front root to prepare")
+    mode.add_argument("--check", type=Path, metavar="DIR", help="validate a prepared dataset or a 3D-Front root")
     mode.add_argument("--synthetic", type=int, metavar="N", help="write N synthetic scenes")
     p.add_argument("--output_dir", type=Path, help="dataset root to write (prepare and --synthetic)")
     p.add_argument("--num_samples", type=int, default=20480, help="surface samples per object (20480)")
     p.add_argument("--image_size", type=int, default=512, help="side of the square images (512)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (all cores)")
-    p.add_argument(
-        "--surface_format", choices=("npy", "npz"), default="npy", help="surface file format (npy)"
-    )
+    p.add_argument("--surface_format", choices=("npy", "npz"), default="npy", help="surface file format (npy)")
     p.add_argument("--single_object", action="store_true", help="top-level mesh files are single objects")
     p.add_argument("--margin", type=float, default=0.05, help="normalise scenes into [-(1-m), 1-m]^3 (0.05)")
     p.add_argument("--views", type=int, default=1, help="rendered views per scene (1)")
@@ -88,46 +86,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of sampling, splits and synthetic scenes (0)")
     p.add_argument("--strict", action="store_true", help="stop with exit code 2 at the first skipped scene")
     p.add_argument("--report_dir", type=Path, help="--check: where to write the report and contact sheet")
-    p.add_argument(
-        "--min_mask_fraction", type=float, default=0.001, help="--check: tiny-mask threshold (0.001)"
-    )
+    p.add_argument("--min_mask_fraction", type=float, default=0.001, help="--check: tiny-mask threshold (0.001)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
 
-def make_options(args: argparse.Namespace):  # -> PrepareOptions
+def make_options(args: argparse.Namespace) -> PrepareOptions:
     """Builds the prepare settings from parsed arguments.
 
     Raises:
         UsageError: Bad values.
     """
-    from midi.data.jobs import PrepareOptions
-
     try:
         background = parse_background(args.background)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if not 0.0 <= args.margin < 1.0:
         raise UsageError(f"--margin must be in [0, 1), got {args.margin}")
-    if not (
-        0.0 <= args.val_fraction
-        and 0.0 <= args.test_fraction
-        and args.val_fraction + args.test_fraction < 1.0
-    ):
+    if not (0.0 <= args.val_fraction and 0.0 <= args.test_fraction and args.val_fraction + args.test_fraction < 1.0):
         raise UsageError("--val_fraction and --test_fraction must be >= 0 and sum to less than 1")
-    camera = Camera(args.elevation, args.azimuth, args.distance, args.fov)
     return PrepareOptions(
         num_samples=args.num_samples, image_size=args.image_size, surface_format=args.surface_format,
-        bound=1.0 - args.margin, views=args.views, camera=camera, background=background, render=args.render,
-        seed=args.seed, single_object=args.single_object, val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
+        bound=1.0 - args.margin, views=args.views, camera=Camera(args.elevation, args.azimuth, args.distance, args.fov),
+        background=background, render=args.render, seed=args.seed, single_object=args.single_object,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction,
     )
 
 
 def run_check(args: argparse.Namespace) -> int:
     """``--check``: validate, print the summary, return the exit code."""
-    from midi.data.check import check_dataset
-
     report = check_dataset(args.check, args.report_dir, min_mask_fraction=args.min_mask_fraction)
     print(report.summary())
     if report.errors:
@@ -137,9 +124,6 @@ def run_check(args: argparse.Namespace) -> int:
 
 def run_prepare(args: argparse.Namespace) -> int:
     """Prepare or ``--synthetic``: run, print the summary, return the exit code."""
-    from midi.data.prepare import prepare_dataset, run_jobs
-    from midi.data.synthetic import synthetic_jobs
-
     if args.output_dir is None:
         raise UsageError("--output_dir is required")
     options = make_options(args)
@@ -147,7 +131,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     if args.synthetic is not None:
         if args.synthetic < 1:
             raise UsageError("--synthetic needs N >= 1")
-        report = run_jobs(args.output_dir, synthetic_jobs(args.synthetic, args.seed), options, **common)
+        report = prepare_synthetic(args.output_dir, args.synthetic, seed=args.seed, options=options, **common)
     else:
         report = prepare_dataset(args.input_dir, args.output_dir, options, **common)
     print(report.summary())
@@ -156,18 +140,14 @@ def run_prepare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code."""
+def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run_check(args) if args.check is not None else run_prepare(args)
-    except (UsageError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as exc:  # e.g. a full disk: one line, not a traceback
-        where = exc.filename if exc.filename is not None else "(output)"
-        print(f"error: {where}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_check(args) if args.check is not None else run_prepare(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (a usage or data error, or a full disk: one ``error:`` line, 2)."""
+    return run_cli(_run, argv)
 
 
 if __name__ == "__main__":

@@ -28,15 +28,9 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
-from midi.extraction import ExtractionConfig, Surface, extract_surfaces
-from midi.inference import (
-    GenerationOptions,
-    InputOptions,
-    ModelOptions,
-    build_pipeline,
-    generate_latents,
-    prepare_scene,
-)
+from midi.inference.extraction import ExtractionConfig, Surface, extract_surfaces
+from midi.inference.generation import ModelOptions, build_pipeline, generate_latents
+from midi.inference.scene import InputOptions, prepare_scene
 
 SCENES = Path(__file__).resolve().parents[1] / "tests" / "data" / "scenes"
 
@@ -123,7 +117,8 @@ def main() -> None:
 
     scene = prepare_scene(SCENES / f"{args.scene}_rgb.png", SCENES / f"{args.scene}_seg.png", InputOptions())
     start = time.perf_counter()
-    latents = generate_latents(loaded, scene, GenerationOptions(num_inference_steps=args.steps, progress=False))
+    latents = generate_latents(loaded.pipe, *scene.conditions(), num_inference_steps=args.steps, guidance_scale=7.0,
+                               seed=42)
     denoise = time.perf_counter() - start
     print(f"denoising {args.scene} ({len(latents)} instances, {args.steps} steps): {denoise:.2f} s "
           "(included in 'scene s')")

@@ -56,8 +56,8 @@ def _peak_mb(device: str, baseline_kb: int) -> float:
 def run_variant(args: argparse.Namespace) -> dict:
     import torch
 
-    from midi import TripoSGDiTModel
     from midi.loaders.custom_adapter import set_mi_attention
+    from midi.models.transformers.triposg_transformer import TripoSGDiTModel
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

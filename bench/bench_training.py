@@ -46,16 +46,20 @@ def _build(data: Path, out: Path, opts: argparse.Namespace, *extra: str):
 
     import train_lora
     from midi.config_load import load_config
+    from midi.training import build, metrics, objective
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+    # The modules train_lora.main imports after its config check (the bench calls the loop without main).
+    train_lora.metrics, train_lora.objective = metrics, objective
     cfg = load_config(REPO / "configs" / "train" / "tiny.yaml", _args(data, out, opts, *extra))
-    return train_lora.build(cfg, dry_run=False)
+    return build.build(cfg, dry_run=False)
 
 
 def _steps_per_second(run, steps: int, warmup: int = 2) -> float:
     import train_lora
-    from midi.trainer import ThroughputMeter, TrainerState
+    from midi.training.checkpoints import TrainerState
+    from midi.training.metrics import ThroughputMeter
 
     batches, state, meter = iter(run.loader()), TrainerState(), ThroughputMeter()
     run.model.train()
@@ -125,12 +129,13 @@ def _peak_rss_bytes() -> int:
 
 
 def _dataset(opts: argparse.Namespace, work: Path) -> Path:
-    from midi.data.synthetic import write_synthetic_dataset
+    from midi.data.jobs import PrepareOptions
+    from midi.data.prepare import prepare_synthetic
 
     root = work / "data"
     if not (root / "manifest.json").is_file():
-        write_synthetic_dataset(root, num_scenes=opts.scenes, seed=0, image_size=opts.image_size,
-                                num_samples=opts.num_points, val_fraction=0.2)
+        prepare_synthetic(root, opts.scenes, seed=0, options=PrepareOptions(image_size=opts.image_size,
+                                                                           num_samples=opts.num_points, val_fraction=0.2))
     return root
 
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 from huggingface_hub.constants import HF_HUB_CACHE
 
-from midi.errors import ConfigError, ModelError  # noqa: F401  ConfigError: old import path (transition)
+from midi.errors import ModelError
 
 TINY_MODEL = "tiny"
 HUB_REPO = "VAST-AI/MIDI-3D"
@@ -35,6 +35,7 @@ RGB_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # in
 DEFAULT_CONFIG = "configs/train/lora_finetune.yaml"  # what a plain `python train_lora.py` loads
 TIMESTEP_SAMPLINGS = ("logit_normal", "logit_normal_dist", "mode", "uniform")
 LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+SPLITS = ("train", "val", "test", "all")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 # The run folder (train.output_dir) and the adapter folders in it.
@@ -80,12 +81,13 @@ def check_model_path(model: str | Path) -> None:
                      "random demo model", path=model)
 
 
-def _field(default: Any, doc: str) -> Any:
-    """A dataclass field with a doc string; mutable defaults are copied per instance."""
+def _field(default: Any, doc: str, **rule: Any) -> Any:
+    """A dataclass field with a doc string and its value rule (``ge``/``gt``/``le`` bounds or
+    ``choices``, checked by :func:`midi.config_load.validate`); mutable defaults are copied."""
     if isinstance(default, list | dict):
         copy = list if isinstance(default, list) else dict
-        return field(default_factory=lambda: copy(default), metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+        return field(default_factory=lambda: copy(default), metadata={"doc": doc, **rule})
+    return field(default=default, metadata={"doc": doc, **rule})
 
 
 @dataclass
@@ -101,16 +103,16 @@ class ModelConfig:
     gradient_checkpointing: bool = _field(True, "recompute block activations in backward: much less activation "
                                                 "memory, ~30% slower steps")
     vae_slicing_length: int | None = _field(8, "VAE-encode this many objects at a time (bounds the VAE's memory); "
-                                               "`null` = all at once")
+                                               "`null` = all at once", ge=1)
 
 
 @dataclass
 class LoraSection:
     """The LoRA adapters (PEFT) and where they go."""
 
-    rank: int = _field(16, "LoRA rank r: higher = more capacity, memory and adapter size")
-    alpha: float = _field(16.0, "LoRA alpha; the update is scaled by alpha / rank (alpha / sqrt(rank) with use_rslora)")
-    dropout: float = _field(0.1, "dropout on the LoRA input (0 to disable)")
+    rank: int = _field(16, "LoRA rank r: higher = more capacity, memory and adapter size", ge=1)
+    alpha: float = _field(16.0, "LoRA alpha; the update is scaled by alpha / rank (alpha / sqrt(rank) with use_rslora)", gt=0)
+    dropout: float = _field(0.1, "dropout on the LoRA input (0 to disable)", ge=0, le=0.99)
     target_modules: list[str] = _field(list(DEFAULT_TARGET_MODULES), "transformer Linear modules to adapt (name suffixes); "
                                                                "the default covers self-attention and both "
                                                                "cross-attentions")
@@ -132,28 +134,28 @@ class DataConfig:
     """Where the scenes come from and how batches are formed."""
 
     root: str = _field("data/midi-scenes", "dataset root: a prepare_data.py output (manifest.json) or a 3D-Front root")
-    train_split: str = _field("train", "split to train on (`train`, `val`, `test`, `all`)")
-    val_split: str = _field("val", "split used for validation loss and previews")
+    train_split: str = _field("train", "split to train on (`train`, `val`, `test`, `all`)", choices=SPLITS)
+    val_split: str = _field("val", "split used for validation loss and previews", choices=SPLITS)
     synthetic_if_missing: int = _field(0, "if data.root does not exist, write this many synthetic scenes there "
                                        "first (0 = off: a missing root is an error). A config file's value only "
-                                       "applies to its own data.root: with --data.root pass it again")
-    image_size: int = _field(512, "side of the square images the scenes are resized to before the encoders' preprocessing")
-    num_surface_points: int = _field(20480, "surface points (xyz + normal) per object fed to the VAE encoder")
+                                       "applies to its own data.root: with --data.root pass it again", ge=0)
+    image_size: int = _field(512, "side of the square images the scenes are resized to before the encoders' preprocessing", ge=8)
+    num_surface_points: int = _field(20480, "surface points (xyz + normal) per object fed to the VAE encoder", ge=1)
     background: list[float] = _field([1.0, 1.0, 1.0], "RGB in [0, 1] outside the instance masks (upstream: white)")
-    min_mask_fraction: float = _field(0.001, "drop instances whose mask covers at most this fraction of the image")
-    max_num_instances: int = _field(10, "keep at most this many instances per scene (a seeded random subset per draw)")
+    min_mask_fraction: float = _field(0.001, "drop instances whose mask covers at most this fraction of the image", ge=0, le=1)
+    max_num_instances: int = _field(10, "keep at most this many instances per scene (a seeded random subset per draw)", ge=1)
     batching: Literal["packed", "padded"] = _field("packed", "`packed`: scenes back to back, no padding rows. "
                                                              "`padded`: upstream's layout, every scene filled with "
                                                              "duplicate instances up to "
                                                              "`data.num_instances_per_batch` rows (duplicates attend "
                                                              "alone)")
     num_instances_per_batch: int | None = _field(None, "rows per scene in padded mode (null = "
-                                                       "`data.max_num_instances`)")
+                                                       "`data.max_num_instances`)", ge=1)
     bucket_by_instances: bool = _field(False, "group scenes with similar instance counts into the same batch (packed mode)")
     max_tokens_per_batch: int | None = _field(None, "cap on latent tokens per batch (instances x tokens per instance,"
                                                     " 2048 for MIDI); batches then hold up to `train.batch_size` "
-                                                    "scenes; a scene over the cap trains alone (packed mode)")
-    num_workers: int = _field(2, "DataLoader worker processes per process (0 = load in the training process)")
+                                                    "scenes; a scene over the cap trains alone (packed mode)", ge=1)
+    num_workers: int = _field(2, "DataLoader worker processes per process (0 = load in the training process)", ge=0)
 
 
 @dataclass
@@ -165,7 +167,7 @@ class CacheConfig:
     dir: str = _field("outputs/cache", "cache folder; entries are keyed by the files' path+size+mtime, a hash of the "
                                        "model weights and the sample settings, so one folder can serve many runs")
     num_surface_subsamples: int = _field(4, "surface subsets encoded per object; one is drawn per step (without the "
-                                            "cache every step draws a new subset)")
+                                            "cache every step draws a new subset)", ge=1)
 
 
 @dataclass
@@ -173,13 +175,13 @@ class ObjectiveConfig:
     """The rectified-flow objective (upstream-facts 5.3)."""
 
     timestep_sampling: str = _field("logit_normal", "density of sigma: `logit_normal` (= MIDI's `logit_normal_dist`),"
-                                                    " `mode`, `uniform`; the scheduler's shift is applied on top")
+                                                    " `mode`, `uniform`; the scheduler's shift is applied on top", choices=TIMESTEP_SAMPLINGS)
     logit_mean: float = _field(0.0, "mean of the logit-normal density")
-    logit_std: float = _field(1.0, "std of the logit-normal density")
+    logit_std: float = _field(1.0, "std of the logit-normal density", gt=0)
     mode_scale: float = _field(1.29, "scale of the 'mode' density")
-    loss_weighting: str = _field("none", "per-sample loss weight: `none` (MIDI), `sigma_sqrt`, `cosmap`")
+    loss_weighting: str = _field("none", "per-sample loss weight: `none` (MIDI), `sigma_sqrt`, `cosmap`", choices=LOSS_WEIGHTINGS)
     condition_drop_prob: float = _field(0.1, "probability per scene of replacing both image conditions by zeros "
-                                        "(what classifier-free guidance uses as the negative)")
+                                        "(what classifier-free guidance uses as the negative)", ge=0, le=1)
     sample_posterior: bool = _field(True, "x0 = a sample of the VAE posterior (true) or its mean (false)")
 
 
@@ -188,13 +190,13 @@ class OptimizerConfig:
     """Optimizer, learning-rate schedule and clipping."""
 
     name: Literal["adamw", "adamw_8bit"] = _field("adamw", "`adamw`, or `adamw_8bit` (bitsandbytes, CUDA)")
-    learning_rate: float = _field(1e-4, "peak learning rate")
+    learning_rate: float = _field(1e-4, "peak learning rate", gt=0)
     betas: list[float] = _field([0.9, 0.999], "AdamW betas")
-    weight_decay: float = _field(0.01, "AdamW weight decay")
-    eps: float = _field(1e-8, "AdamW epsilon")
+    weight_decay: float = _field(0.01, "AdamW weight decay", ge=0)
+    eps: float = _field(1e-8, "AdamW epsilon", gt=0)
     max_grad_norm: float | None = _field(1.0, "clip the gradient norm to this (null = no clipping; the norm is still logged)")
-    lr_scheduler: str = _field("cosine", "schedule: " + ", ".join(LR_SCHEDULERS))
-    lr_warmup_steps: int = _field(100, "linear warm-up (from 0) over this many optimizer steps")
+    lr_scheduler: str = _field("cosine", "schedule: " + ", ".join(LR_SCHEDULERS), choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = _field(100, "linear warm-up (from 0) over this many optimizer steps", ge=0)
 
 
 @dataclass
@@ -203,9 +205,9 @@ class TrainConfig:
 
     output_dir: str = _field("outputs/midi-lora", "run folder: config, logs, checkpoints, lora-final/")
     seed: int = _field(42, "seeds the data order, views, subsets, sigmas, noise, condition dropout and LoRA dropout")
-    batch_size: int = _field(4, "scenes per process per micro-step (all their instances)")
-    gradient_accumulation_steps: int = _field(1, "micro-steps per optimizer step")
-    max_steps: int | None = _field(None, "optimizer steps to run (null = train.num_epochs epochs)")
+    batch_size: int = _field(4, "scenes per process per micro-step (all their instances)", ge=1)
+    gradient_accumulation_steps: int = _field(1, "micro-steps per optimizer step", ge=1)
+    max_steps: int | None = _field(None, "optimizer steps to run (null = train.num_epochs epochs)", ge=1)
     num_epochs: int = _field(100, "epochs to run when train.max_steps is null")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _field(
         "auto", "`auto` = bf16 on GPUs that have it, fp32 otherwise; `no`, `bf16`, `fp16` (GPU only). Frozen weights "
@@ -213,15 +215,15 @@ class TrainConfig:
     allow_tf32: bool = _field(True, "allow TF32 matmuls on Ampere+ GPUs")
     max_consecutive_nonfinite: int = _field(5, "a step with a non-finite loss or gradient is skipped (no update) and "
                                                "counted; after this many in a row training stops with an emergency "
-                                               "checkpoint")
+                                               "checkpoint", ge=1)
 
 
 @dataclass
 class CheckpointingConfig:
     """Checkpoints (full training state + the adapter in its final format)."""
 
-    every_n_steps: int = _field(500, "write `checkpoint-N/` every N optimizer steps (and at the last step)")
-    checkpoints_total_limit: int | None = _field(3, "keep only the newest N checkpoints (null = keep all)")
+    every_n_steps: int = _field(500, "write `checkpoint-N/` every N optimizer steps (and at the last step)", ge=1)
+    checkpoints_total_limit: int | None = _field(3, "keep only the newest N checkpoints (null = keep all)", ge=1)
     resume_from_checkpoint: str | None = _field(None, "latest, a checkpoint folder, or null (also --resume_from_checkpoint)")
     verify_exports: bool = _field(False, "also reload every checkpoint's adapter through the inference path "
                                          "(`lora-final/` is always checked)")
@@ -232,20 +234,20 @@ class ValidationConfig:
     """Validation loss and preview generation."""
 
     every_n_steps: int = _field(500, "validation loss every N steps and at the end (0 = off); the best one is "
-                                     "exported to `best/`")
-    num_scenes: int = _field(8, "validation scenes (the first N of data.val_split)")
+                                     "exported to `best/`", ge=0)
+    num_scenes: int = _field(8, "validation scenes (the first N of data.val_split)", ge=1)
     sigmas: list[float] = _field([0.1, 0.3, 0.5, 0.7, 0.9], "fixed noise levels; with fixed noise and the posterior "
                                                             "mean the number is deterministic")
     seed: int = _field(0, "seed of the validation noise (the same every time)")
     preview_every_n_steps: int = _field(1000, "generate meshes for a few val scenes every N steps and at the end (0 ="
-                                              " off)")
-    num_preview_scenes: int = _field(2, "scenes generated for previews")
-    num_inference_steps: int = _field(50, "sampler steps of the previews")
-    guidance_scale: float = _field(7.0, "classifier-free guidance of the previews")
+                                              " off)", ge=0)
+    num_preview_scenes: int = _field(2, "scenes generated for previews", ge=0)
+    num_inference_steps: int = _field(50, "sampler steps of the previews", ge=1)
+    guidance_scale: float = _field(7.0, "classifier-free guidance of the previews", ge=0)
     octree_depth: int = _field(8, "decoding grid, 2^depth + 1 points per axis (8 is the inference default; lower is "
-                                  "faster)")
+                                  "faster)", ge=2, le=10)
     preview_image_size: int = _field(256, "rendered preview size; previews show input image and rendered meshes side "
-                                          "by side")
+                                          "by side", ge=16)
 
 
 @dataclass
@@ -259,7 +261,7 @@ class LoggingConfig:
     log_every_n_steps: int = _field(10, "log `train/loss`, `train/lr`, `train/grad_norm`, `train/scenes_per_s`, "
                                         "`train/latent_tokens_per_s`, `train/peak_memory_gb`, `train/epoch`, "
                                         "`train/nonfinite_steps` (plus `val/loss` and preview images on their own "
-                                        "cadence)")
+                                        "cadence)", ge=1)
     progress_bar: bool = _field(True, "tqdm progress bar with loss and ETA (main process)")
 
 

@@ -15,6 +15,7 @@ fails in well under a second.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import importlib.util
 import math
@@ -29,10 +30,7 @@ import yaml
 
 from midi.config import (
     DEFAULT_TARGET_MODULES,
-    LOSS_WEIGHTINGS,
-    LR_SCHEDULERS,
     SECTIONS,
-    TIMESTEP_SAMPLINGS,
     TrainingConfig,
     all_keys,
     check_model_path,
@@ -260,27 +258,29 @@ def _merge(found: list[str], more: list[str]) -> list[str]:
 _BLOCK_NAME = re.compile(r"^blocks\.\d+$")
 
 
-def _at_least(problems: list[str], key: str, value: float | None, low: float, allow_none: bool = False) -> None:
-    if value is None:
-        if not allow_none:
-            problems.append(f"{key}: must be set")
-        return
-    if value < low:
-        problems.append(f"{key}: must be >= {low:g}, got {value!r}")
-
-
-def _in_range(problems: list[str], key: str, value: float, low: float, high: float, closed_low: bool = True) -> None:
-    ok = (low <= value if closed_low else low < value) and value <= high
-    if not ok:
-        bracket = "[" if closed_low else "("
-        problems.append(f"{key}: must be in {bracket}{low:g}, {high:g}], got {value!r}")
-
-
-def _one_of(problems: list[str], key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        close = difflib.get_close_matches(value, choices, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        problems.append(f"{key}: must be one of {', '.join(choices)}, got {value!r}{hint}")
+def _check_rules(cfg: TrainingConfig, p: list[str]) -> None:
+    """The per-field rules the schema declares (``_field(..., ge=, gt=, le=, choices=)``)."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            rule, key, value = f.metadata, f"{section.name}.{f.name}", getattr(values, f.name)
+            if not rule.keys() & {"ge", "gt", "le", "choices"}:
+                continue
+            if value is None:
+                if "None" not in str(f.type):  # an Optional field's null means "off" / "all"
+                    p.append(f"{key}: must be set")
+            elif "choices" in rule and value not in rule["choices"]:
+                close = difflib.get_close_matches(value, rule["choices"], n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                p.append(f"{key}: must be one of {', '.join(rule['choices'])}, got {value!r}{hint}")
+            elif "le" in rule:
+                low = rule.get("ge", rule.get("gt"))
+                if not ((value >= low if "ge" in rule else value > low) and value <= rule["le"]):
+                    p.append(f"{key}: must be in {'[' if 'ge' in rule else '('}{low:g}, {rule['le']:g}], got {value!r}")
+            elif "ge" in rule and value < rule["ge"]:
+                p.append(f"{key}: must be >= {rule['ge']:g}, got {value!r}")
+            elif "gt" in rule and value <= rule["gt"]:
+                p.append(f"{key}: must be > {rule['gt']:g}, got {value!r}")
 
 
 def validate(cfg: TrainingConfig) -> list[str]:
@@ -290,9 +290,8 @@ def validate(cfg: TrainingConfig) -> list[str]:
         One line per problem (empty when the config is valid).
     """
     problems: list[str] = []
-    checks = (_validate_model, _validate_lora, _validate_data, _validate_objective, _validate_optimizer,
-              _validate_train, _validate_checkpointing, _validate_validation, _validate_logging)
-    for check in checks:
+    for check in (_check_rules, _validate_model, _validate_lora, _validate_data, _validate_optimizer,
+                  _validate_train, _validate_validation):
         check(cfg, problems)
     return problems
 
@@ -308,15 +307,10 @@ def _validate_model(cfg: TrainingConfig, p: list[str]) -> None:
             p.append(f"model.mi_blocks: {name!r} is not a block name like 'blocks.8'")
     if len(set(m.mi_blocks)) != len(m.mi_blocks):
         p.append("model.mi_blocks: lists a block twice")
-    _at_least(p, "model.vae_slicing_length", m.vae_slicing_length, 1, allow_none=True)
 
 
 def _validate_lora(cfg: TrainingConfig, p: list[str]) -> None:
     lo = cfg.lora
-    _at_least(p, "lora.rank", lo.rank, 1)
-    if lo.alpha <= 0:
-        p.append(f"lora.alpha: must be > 0, got {lo.alpha!r}")
-    _in_range(p, "lora.dropout", lo.dropout, 0.0, 0.99)
     if lo.init_lora_weights not in (True, "gaussian"):
         p.append(f"lora.init_lora_weights: must be true or 'gaussian', got {lo.init_lora_weights!r}")
     if not (lo.transformer or lo.image_encoder_1 or lo.image_encoder_2):
@@ -331,18 +325,8 @@ def _validate_lora(cfg: TrainingConfig, p: list[str]) -> None:
 
 def _validate_data(cfg: TrainingConfig, p: list[str]) -> None:
     d = cfg.data
-    for key in ("train_split", "val_split"):
-        _one_of(p, f"data.{key}", getattr(d, key), ("train", "val", "test", "all"))
-    _at_least(p, "data.synthetic_if_missing", d.synthetic_if_missing, 0)
-    _at_least(p, "data.image_size", d.image_size, 8)
-    _at_least(p, "data.num_surface_points", d.num_surface_points, 1)
     if len(d.background) != 3 or any(not 0.0 <= c <= 1.0 for c in d.background):
         p.append(f"data.background: must be 3 numbers in [0, 1] (RGB), got {d.background!r}")
-    _in_range(p, "data.min_mask_fraction", d.min_mask_fraction, 0.0, 1.0)
-    _at_least(p, "data.max_num_instances", d.max_num_instances, 1)
-    _at_least(p, "data.num_workers", d.num_workers, 0)
-    _at_least(p, "data.num_instances_per_batch", d.num_instances_per_batch, 1, allow_none=True)
-    _at_least(p, "data.max_tokens_per_batch", d.max_tokens_per_batch, 1, allow_none=True)
     if d.batching == "padded":
         if d.num_instances_per_batch is not None and d.num_instances_per_batch < d.max_num_instances:
             p.append(f"data.num_instances_per_batch: must be >= data.max_num_instances ({d.max_num_instances}) in "
@@ -354,75 +338,35 @@ def _validate_data(cfg: TrainingConfig, p: list[str]) -> None:
     elif d.num_instances_per_batch is not None:
         p.append("data.num_instances_per_batch: only applies to data.batching: padded; remove it (packed batches "
                  "have no padding rows)")
-    _at_least(p, "cache.num_surface_subsamples", cfg.cache.num_surface_subsamples, 1)
     if cfg.cache.enabled and not cfg.cache.dir:
         p.append("cache.dir: must be set when cache.enabled is true")
 
 
-def _validate_objective(cfg: TrainingConfig, p: list[str]) -> None:
-    o = cfg.objective
-    _one_of(p, "objective.timestep_sampling", o.timestep_sampling, TIMESTEP_SAMPLINGS)
-    _one_of(p, "objective.loss_weighting", o.loss_weighting, LOSS_WEIGHTINGS)
-    if o.logit_std <= 0:
-        p.append(f"objective.logit_std: must be > 0, got {o.logit_std!r}")
-    _in_range(p, "objective.condition_drop_prob", o.condition_drop_prob, 0.0, 1.0)
-
-
 def _validate_optimizer(cfg: TrainingConfig, p: list[str]) -> None:
     o = cfg.optimizer
-    if o.learning_rate <= 0:
-        p.append(f"optimizer.learning_rate: must be > 0, got {o.learning_rate!r}")
     if len(o.betas) != 2 or any(not 0.0 <= b < 1.0 for b in o.betas):
         p.append(f"optimizer.betas: must be two numbers in [0, 1), got {o.betas!r}")
-    _at_least(p, "optimizer.weight_decay", o.weight_decay, 0.0)
-    if o.eps <= 0:
-        p.append(f"optimizer.eps: must be > 0, got {o.eps!r}")
     if o.max_grad_norm is not None and o.max_grad_norm <= 0:
         p.append(f"optimizer.max_grad_norm: must be > 0 or null (no clipping), got {o.max_grad_norm!r}")
-    _one_of(p, "optimizer.lr_scheduler", o.lr_scheduler, LR_SCHEDULERS)
-    _at_least(p, "optimizer.lr_warmup_steps", o.lr_warmup_steps, 0)
 
 
 def _validate_train(cfg: TrainingConfig, p: list[str]) -> None:
     t = cfg.train
     if not t.output_dir:
         p.append("train.output_dir: must be set")
-    _at_least(p, "train.batch_size", t.batch_size, 1)
-    _at_least(p, "train.gradient_accumulation_steps", t.gradient_accumulation_steps, 1)
-    _at_least(p, "train.max_steps", t.max_steps, 1, allow_none=True)
-    if t.max_steps is None:
-        _at_least(p, "train.num_epochs", t.num_epochs, 1)
-    _at_least(p, "train.max_consecutive_nonfinite", t.max_consecutive_nonfinite, 1)
-
-
-def _validate_checkpointing(cfg: TrainingConfig, p: list[str]) -> None:
-    c = cfg.checkpointing
-    _at_least(p, "checkpointing.every_n_steps", c.every_n_steps, 1)
-    _at_least(p, "checkpointing.checkpoints_total_limit", c.checkpoints_total_limit, 1, allow_none=True)
-    if c.resume_from_checkpoint == "":
+    if t.max_steps is None and t.num_epochs < 1:  # num_epochs only counts without max_steps
+        p.append(f"train.num_epochs: must be >= 1, got {t.num_epochs!r}")
+    if cfg.checkpointing.resume_from_checkpoint == "":
         p.append("checkpointing.resume_from_checkpoint: must be 'latest', a checkpoint folder or null")
 
 
 def _validate_validation(cfg: TrainingConfig, p: list[str]) -> None:
     v = cfg.validation
-    _at_least(p, "validation.every_n_steps", v.every_n_steps, 0)
-    _at_least(p, "validation.preview_every_n_steps", v.preview_every_n_steps, 0)
-    _at_least(p, "validation.num_scenes", v.num_scenes, 1)
-    _at_least(p, "validation.num_preview_scenes", v.num_preview_scenes, 0)
-    _at_least(p, "validation.num_inference_steps", v.num_inference_steps, 1)
-    _at_least(p, "validation.guidance_scale", v.guidance_scale, 0.0)
-    _at_least(p, "validation.preview_image_size", v.preview_image_size, 16)
-    if not 2 <= v.octree_depth <= 10:
-        p.append(f"validation.octree_depth: must be in [2, 10], got {v.octree_depth}")
     if not v.sigmas:
         p.append("validation.sigmas: must list at least one noise level, e.g. [0.1, 0.5, 0.9]")
     for s in v.sigmas:
         if not 0.0 < s <= 1.0:
             p.append(f"validation.sigmas: every sigma must be in (0, 1], got {s!r}")
-
-
-def _validate_logging(cfg: TrainingConfig, p: list[str]) -> None:
-    _at_least(p, "logging.log_every_n_steps", cfg.logging.log_every_n_steps, 1)
 
 
 # ----------------------------------------------------------------------------- environment

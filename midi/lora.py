@@ -24,17 +24,41 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from midi.config import CUSTOM_ADAPTER_FILE, DEFAULT_TARGET_MODULES, METADATA_FILE
-from midi.data.atomic import save_safetensors, write_json
-from midi.loaders.custom_adapter import AdapterError, read_adapter_file
+from midi.data.atomic import atomic_write, commit_dir, make_tmp_dir, write_json
+from midi.errors import AdapterError
 
 ADAPTER_MODELS = ("transformer", "image_encoder_1", "image_encoder_2")
 PEFT_PREFIX = "base_model.model."  # PeftModel's key prefix for the wrapped model's modules
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Writes a safetensors file atomically (tensors are made contiguous, as safetensors requires)."""
+    payload = safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    with atomic_write(path, "wb") as f:
+        f.write(payload)
+
+
+def read_adapter_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Reads a safetensors file, or a pickle with ``weights_only=True``; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"{path}: adapter file not found")
+    try:
+        if path.suffix == ".safetensors":
+            return safetensors.torch.load_file(str(path), device="cpu")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt/truncated files surface as many exception types
+        raise AdapterError(f"{path}: cannot read adapter weights ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AdapterError(f"{path}: expected a dict of tensors")
+    return state
 
 
 def lora_config_dict(
@@ -85,13 +109,10 @@ def export_lora(
         The folder.
     """
     out_dir = Path(out_dir)
-    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    if tmp_dir.exists():
-        _rmtree(tmp_dir)
-    tmp_dir.mkdir(parents=True)
     states = lora_state_dicts(pipe)
     if not states:
         raise AdapterError("export_lora: the pipeline has no LoRA adapter")
+    tmp_dir = make_tmp_dir(out_dir.parent, out_dir.name)
     configs = {}
     for name, state in states.items():
         target = tmp_dir if name == "transformer" else tmp_dir / name
@@ -102,7 +123,7 @@ def export_lora(
         # diffusers filters both the keys and this metadata by its ``prefix`` argument; without the
         # metadata it would assume lora_alpha = rank.
         diffusers_config = json.dumps({PEFT_PREFIX + k: v for k, v in configs[name].items()})
-        save_safetensors(target / "adapter_model.safetensors", {PEFT_PREFIX + k: v for k, v in state.items()},
+        save_tensors(target / "adapter_model.safetensors", {PEFT_PREFIX + k: v for k, v in state.items()},
                          {"format": "pt", "lora_adapter_metadata": diffusers_config})
     pipe.save_custom_adapter(tmp_dir, CUSTOM_ADAPTER_FILE, safe_serialization=True, include_keys=["lora"])
     metadata = {
@@ -115,10 +136,7 @@ def export_lora(
         **(extra_metadata or {}),
     }
     write_json(tmp_dir / METADATA_FILE, json.loads(json.dumps(metadata, default=str)))
-    if out_dir.exists():
-        _rmtree(out_dir)
-    os.replace(tmp_dir, out_dir)
-    return out_dir
+    return commit_dir(tmp_dir, out_dir)
 
 
 def _config_to_dict(config: LoraConfig) -> dict[str, Any]:
@@ -140,12 +158,6 @@ def _read_metadata(path: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict) or ("lora_configs" in data and not isinstance(data["lora_configs"], dict)):
         raise AdapterError(f"{path}: adapter metadata must be a JSON object with 'lora_configs'")
     return data
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass
@@ -255,45 +267,86 @@ def check_base_model(adapter: LoadedAdapter, transformer) -> None:
         raise AdapterError(f"{adapter.source}: LoRA was trained on a different base model ({text})")
 
 
-def apply_lora(pipe, adapter: LoadedAdapter, mi_blocks: Sequence[str] | None) -> None:
-    """Installs processors + LoRA modules on ``pipe`` and loads the adapter weights (strict).
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], *, name: str, source: object,
+                 peft: bool = True, strict: bool = True) -> None:
+    """The one strict weight check and load of adapters; errors name the key and both shapes.
+
+    Args:
+        model: one of the pipeline's models, its LoRA modules already added.
+        state: PEFT keys without the adapter name (``peft=True``: every LoRA tensor of the model
+            must be there), or ``model.state_dict()`` keys (``peft=False``, a custom-adapter part).
+        name: the model's name in the pipeline, for the messages.
+        source: the file the weights came from, for the messages.
+        strict: refuse keys the model does not have (upstream ignores them).
 
     Raises:
-        AdapterError: base-model, target or shape mismatches, in words.
+        AdapterError: unknown or missing keys, or a shape that differs.
     """
-    check_base_model(adapter, pipe.transformer)
-    for name, config in adapter.lora_configs.items():
-        if not matched_lora_targets(getattr(pipe, name), config["target_modules"]):
-            raise AdapterError(f"{adapter.source}: LoRA targets {config['target_modules']} match no module of {name}")
-    pipe.init_custom_adapter(
-        set_self_attn_module_names=mi_blocks,
-        transformer_lora_config=adapter.lora_configs.get("transformer"),
-        image_encoder_1_lora_config=adapter.lora_configs.get("image_encoder_1"),
-        image_encoder_2_lora_config=adapter.lora_configs.get("image_encoder_2"),
-        exact_module_names=True,
-    )
+    if peft and not getattr(model, "peft_config", None):
+        raise AdapterError(f"{source}: {name} has no LoRA modules to load into (call init_custom_adapter first)")
+    own = get_peft_model_state_dict(model) if peft else model.state_dict()
+    unknown = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state)) if peft else []
+    if strict and (unknown or missing):
+        # The usual cause: loading before init_custom_adapter created the LoRA modules.
+        hint = (" (call init_custom_adapter with the LoRA config the adapter was trained with first)"
+                if any("lora" in k for k in unknown) else "")
+        raise AdapterError(f"{source}: {name} keys do not match the model ({len(missing)} missing, "
+                           f"{len(unknown)} unexpected, e.g. {(unknown or missing)[0]!r}){hint}")
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise AdapterError(f"{source}: {name}.{key} has shape {tuple(value.shape)} but the model expects "
+                               f"{tuple(own[key].shape)} (different LoRA rank or base model?)")
+    if not peft:
+        model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+        return
+    # Training keeps LoRA weights in float32 over a 16-bit base; do the same here (before loading,
+    # so nothing is rounded) and a bf16 pipeline reproduces the training model.
+    for param_name, param in model.named_parameters():
+        if "lora_" in param_name and param.dtype != torch.float32:
+            param.data = param.data.float()
+    set_peft_model_state_dict(model, state)
+
+
+def load_adapter(pipe, adapter: LoadedAdapter | str | os.PathLike, mi_blocks: Sequence[str] | None = None, *,
+                 install: bool = True) -> LoadedAdapter:
+    """The one strict adapter loader: reads ``adapter`` (any :func:`read_lora` path) into ``pipe``.
+
+    Args:
+        pipe: a MIDIPipeline.
+        adapter: a :class:`LoadedAdapter` or a path for :func:`read_lora`.
+        mi_blocks: the multi-instance blocks to install (None: the adapter's own, else all blocks).
+        install: install the processors and LoRA modules first; False loads into the LoRA modules
+            already on ``pipe`` (a training resume).
+
+    Returns:
+        The adapter that was loaded.
+
+    Raises:
+        AdapterError: base-model, target, key or shape mismatches, in words.
+    """
+    if not isinstance(adapter, LoadedAdapter):
+        adapter = read_lora(adapter)
+    if install:
+        check_base_model(adapter, pipe.transformer)
+        for name, config in adapter.lora_configs.items():
+            if not matched_lora_targets(getattr(pipe, name), config["target_modules"]):
+                raise AdapterError(f"{adapter.source}: LoRA targets {config['target_modules']} match no module of {name}")
+        pipe.init_custom_adapter(
+            set_self_attn_module_names=adapter.mi_blocks if mi_blocks is None else mi_blocks,
+            transformer_lora_config=adapter.lora_configs.get("transformer"),
+            image_encoder_1_lora_config=adapter.lora_configs.get("image_encoder_1"),
+            image_encoder_2_lora_config=adapter.lora_configs.get("image_encoder_2"),
+            exact_module_names=True,
+        )
     for name, state in adapter.weights.items():
-        model = getattr(pipe, name)
-        expected = {k: v.shape for k, v in get_peft_model_state_dict(model).items()}
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise AdapterError(
-                f"{adapter.source}: {name} LoRA keys do not match the model ({len(missing)} missing, "
-                f"{len(unexpected)} unexpected, e.g. {(missing or unexpected)[0]!r})"
-            )
-        for key, shape in expected.items():
-            if state[key].shape != shape:
-                raise AdapterError(
-                    f"{adapter.source}: {name}.{key} has shape {tuple(state[key].shape)}, the model expects "
-                    f"{tuple(shape)} (rank {adapter.lora_configs[name]['r']} vs the config?)"
-                )
-        # Training keeps LoRA weights in float32 over a 16-bit base; do the same here (before
-        # loading, so nothing is rounded) and a bf16 pipeline reproduces the training model.
-        for param_name, param in model.named_parameters():
-            if "lora_" in param_name and param.dtype != torch.float32:
-                param.data = param.data.float()
-        set_peft_model_state_dict(model, state)
+        load_weights(getattr(pipe, name), state, name=name, source=adapter.source)
+    return adapter
+
+
+def apply_lora(pipe, adapter: LoadedAdapter, mi_blocks: Sequence[str] | None) -> None:
+    """Old name of :func:`load_adapter` (until the inference and training packages are ported)."""
+    load_adapter(pipe, adapter, mi_blocks)
 
 
 def merge_lora(pipe, scale: float = 1.0) -> int:

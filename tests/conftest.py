@@ -27,7 +27,7 @@ def _seed_everything():
 @pytest.fixture
 def upstream_pipe():
     """A fresh load of the upstream-written tiny pipeline folder (every case starts from one)."""
-    from midi import MIDIPipeline
+    from midi.pipelines.pipeline_midi import MIDIPipeline
 
     pipe = MIDIPipeline.from_pretrained(UPSTREAM_PIPELINE)
     pipe.set_progress_bar_config(disable=True)
@@ -54,6 +54,6 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     """A small synthetic midi-scenes dataset, shared by a test module."""
-    from _train_helpers import tiny_dataset
+    from training.conftest import tiny_dataset
 
     return tiny_dataset(tmp_path_factory.getbasetemp())

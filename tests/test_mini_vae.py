@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from midi.extraction import ExtractionConfig, extract_coarse_to_fine
-from midi.mini.pretrain_vae import VAERecipe, f_score, losses, make_batch, train
+try:  # the package is being reorganised: extraction moved under midi.inference
+    from midi.inference.extraction import ExtractionConfig, extract_coarse_to_fine
+except ImportError:  # pragma: no cover - the layout before the move
+    from midi.extraction import ExtractionConfig, extract_coarse_to_fine
+from midi.mini.pretrain_vae import VAERecipe, build_vae, f_score, kl_weight_at, losses, make_batch, recon_terms, train
 from midi.mini.shapes import KINDS, Part, random_shape, sample_surface, shape_bounds, shape_field
 
 PARAMS = {"box": [0.3, 0.15, 0.25], "sphere": [0.3], "cylinder": [0.2, 0.3], "cone": [0.3, 0.25],
@@ -82,6 +87,40 @@ def test_batch_targets_are_positive_inside() -> None:
     np.testing.assert_array_equal(make_batch(TINY, 0)["queries"], batch["queries"])  # seeded by step
 
 
+def test_recon_terms_sign_and_weights() -> None:
+    """Both terms reward the target's sign (positive inside): the exact truncated distance beats the
+    sign-flipped and the all-outside fields; the weights and the BCE's logit scale act as documented."""
+    r = dataclasses.replace(TINY, near_points=512, uniform_points=512)
+    sdf = make_batch(r, 0)["target"]
+    exact = sdf.clamp(-r.truncation, r.truncation)
+    best = recon_terms(exact, sdf, r)
+    assert best["sdf_l1"] == 0  # the SDF term's optimum is the truncated distance
+    for wrong in (-exact, torch.full_like(sdf, -r.truncation)):  # flipped sign; the empty field
+        terms = recon_terms(wrong, sdf, r)
+        assert terms["bce"] > best["bce"] and terms["sdf_l1"] > 0.1 and terms["recon"] > best["recon"]
+    sharp = recon_terms(exact, sdf, dataclasses.replace(r, bce_scale=r.bce_scale / 10))
+    assert sharp["bce"] < best["bce"]  # logit = output / bce_scale
+    only_sdf = recon_terms(-exact, sdf, dataclasses.replace(r, bce_weight=0.0))
+    torch.testing.assert_close(only_sdf["recon"], only_sdf["sdf_l1"])
+
+
+def test_kl_warmup() -> None:
+    r = dataclasses.replace(TINY, kl_weight=1e-3, kl_warmup_steps=100)
+    assert kl_weight_at(r, 0) == pytest.approx(1e-5) and kl_weight_at(r, 49) == pytest.approx(5e-4)
+    assert kl_weight_at(r, 99) == kl_weight_at(r, 5000) == pytest.approx(1e-3)
+    assert kl_weight_at(dataclasses.replace(r, kl_warmup_steps=0), 0) == 1e-3
+
+
+def test_posterior_starts_narrow() -> None:
+    """The untrained posterior's std is exp(init_logvar / 2), not the prior's 1 (noise would drown the latent)."""
+    torch.manual_seed(0)
+    surface = make_batch(TINY, 0)["surface"]
+    for init_logvar in (-6.0, 0.0):
+        vae = build_vae(dataclasses.replace(TINY, init_logvar=init_logvar))
+        std = vae.encode(surface, num_tokens=TINY.num_tokens, seed=0).latent_dist.std
+        assert abs(std.log().mul(2).mean().item() - init_logvar) < 1.0
+
+
 def test_f_score() -> None:
     a = np.random.default_rng(0).uniform(size=(200, 3))
     assert f_score(a, a, 0.01) == 1.0 and f_score(a, a + 1.0, 0.1) == 0.0
@@ -101,5 +140,9 @@ def test_recipe_runs_and_resumes_bit_exactly(tmp_path) -> None:
     assert (tmp_path / "whole" / "curve.csv").read_text().count("\n") == 4  # header + steps 2, 4, 6
     out = losses(whole, TINY, make_batch(TINY, 0), 0)
     assert torch.isfinite(out["loss"]) and out["kl"] >= 0
+    torch.testing.assert_close(out["loss"], out["recon"] + TINY.kl_weight * out["kl"])
+    torch.testing.assert_close(out["recon"], TINY.bce_weight * out["bce"] + TINY.sdf_weight * out["sdf_l1"])
+    warm = losses(whole, TINY, make_batch(TINY, 0), 0, step=0)  # first step: the KL barely counts
+    torch.testing.assert_close(warm["loss"], warm["recon"] + kl_weight_at(TINY, 0) * warm["kl"])
     with pytest.raises(FileExistsError):
         train(TINY, tmp_path / "whole")

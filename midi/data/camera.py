@@ -17,21 +17,13 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Camera:
-    """A camera orbiting a target.
+    """A camera orbiting a target."""
 
-    Attributes:
-        elevation: Degrees above the horizontal plane.
-        azimuth: Degrees around the up axis, from +Z towards +X.
-        distance: Eye-target distance; None fits the scene's bounding sphere into the view.
-        fov: Vertical field of view in degrees.
-        target: The point looked at.
-    """
-
-    elevation: float = 30.0
-    azimuth: float = 45.0
-    distance: float | None = None
-    fov: float = 40.0
-    target: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    elevation: float = 30.0  # degrees above the horizontal plane
+    azimuth: float = 45.0  # degrees around the up axis, from +Z towards +X
+    distance: float | None = None  # eye-target distance; None fits the scene's bounding sphere into the view
+    fov: float = 40.0  # vertical field of view in degrees
+    target: tuple[float, float, float] = (0.0, 0.0, 0.0)  # the point looked at
 
     def with_azimuth(self, azimuth: float) -> Camera:
         """Returns a copy turned to another azimuth."""
@@ -65,11 +57,7 @@ def camera_record(camera: Camera, radius: float, width: int, height: int) -> dic
     focal = (height / 2.0) / math.tan(math.radians(camera.fov) / 2.0)
     intrinsics = [[focal, 0.0, width / 2.0], [0.0, focal, height / 2.0], [0.0, 0.0, 1.0]]
     record = asdict(camera) | {"distance": float(distance), "width": width, "height": height}
-    record |= {
-        "eye": eye.tolist(),
-        "intrinsics": intrinsics,
-        "world_to_camera": _look_at(eye, target).tolist(),
-    }
+    record |= {"eye": eye.tolist(), "intrinsics": intrinsics, "world_to_camera": _look_at(eye, target).tolist()}
     return record
 
 

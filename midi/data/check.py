@@ -20,6 +20,7 @@ import numpy as np
 
 from midi.data import layout
 from midi.data.atomic import write_json
+from midi.data.contact_sheet import write_contact_sheet
 from midi.data.dataset import (
     DEFAULT_MIN_MASK_FRACTION,
     SceneRecord,
@@ -61,21 +62,13 @@ class Problem:
 
 @dataclass
 class SceneCheck:
-    """The findings of one scene.
+    """The findings of one scene."""
 
-    Attributes:
-        scene_id: Scene id.
-        num_objects: Objects listed for the scene.
-        instances_per_view: Distinct non-zero labels in each view's id map.
-        point_range: ``[min, max]`` over all coordinates of all objects (None if unreadable).
-        problems: What was found.
-    """
-
-    scene_id: str
-    num_objects: int
-    instances_per_view: list[int] = field(default_factory=list)
-    point_range: list[float] | None = None
-    problems: list[Problem] = field(default_factory=list)
+    scene_id: str  # scene id
+    num_objects: int  # objects listed for the scene
+    instances_per_view: list[int] = field(default_factory=list)  # distinct non-zero labels in each view's id map
+    point_range: list[float] | None = None  # ``[min, max]`` over all coordinates of all objects (None if unreadable)
+    problems: list[Problem] = field(default_factory=list)  # what was found
 
 
 @dataclass
@@ -93,15 +86,8 @@ class CheckReport:
         """All problems, dataset-level first."""
         return self.dataset_problems + [p for s in self.scenes for p in s.problems]
 
-    @property
-    def errors(self) -> list[Problem]:
-        """Problems of severity error."""
-        return [p for p in self.problems if p.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Problem]:
-        """Problems of severity warning."""
-        return [p for p in self.problems if p.severity == "warning"]
+    errors = property(lambda self: [p for p in self.problems if p.severity == "error"], doc="Severity error.")
+    warnings = property(lambda self: [p for p in self.problems if p.severity == "warning"], doc="Severity warning.")
 
     def to_json(self) -> dict[str, Any]:
         """The report as stored in ``check_report.json``."""
@@ -134,9 +120,7 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def check_surface(
-    path: Path, scene: str, name: str, min_points: int
-) -> tuple[list[Problem], np.ndarray | None]:
+def check_surface(path: Path, scene: str, name: str, min_points: int) -> tuple[list[Problem], np.ndarray | None]:
     """Checks one surface file.
 
     Returns:
@@ -146,26 +130,19 @@ def check_surface(
         points, normals = load_surface(path)
     except DataError as exc:
         return [Problem(scene, "unreadable_surface", str(exc))], None
-    problems = []
-    if not (np.all(np.isfinite(points)) and np.all(np.isfinite(normals))):
-        bad = int(np.sum(~np.isfinite(points).all(1) | ~np.isfinite(normals).all(1)))
-        problems.append(Problem(scene, "nan", f"{name}: {bad} point(s) with NaN/inf"))
     finite = points[np.isfinite(points).all(1)]
-    if len(finite) and np.abs(finite).max() > 1.0 + BOUND_TOLERANCE:
-        problems.append(
-            Problem(scene, "out_of_bounds", f"{name}: |coordinate| up to {np.abs(finite).max():.4f} > 1")
-        )
-    norms = np.linalg.norm(normals, axis=1)
-    off = np.abs(norms - 1.0) > NORMAL_TOLERANCE
-    if np.any(off):
-        problems.append(
-            Problem(scene, "non_unit_normals", f"{name}: {int(off.sum())} normal(s) not unit length")
-        )
-    if len(points) < min_points:
-        problems.append(Problem(scene, "too_few_points", f"{name}: {len(points)} points < {min_points}"))
-    if len(finite) and float(np.max(np.ptp(finite, axis=0))) < 1e-6:
-        problems.append(Problem(scene, "no_area", f"{name}: all points coincide (mesh without area)"))
-    return problems, points
+    bad = int(np.sum(~np.isfinite(points).all(1) | ~np.isfinite(normals).all(1)))
+    off = int(np.sum(np.abs(np.linalg.norm(normals, axis=1) - 1.0) > NORMAL_TOLERANCE))  # NaN normals: counted above
+    peak = float(np.abs(finite).max()) if len(finite) else 0.0
+    flat = len(finite) > 0 and float(np.max(np.ptp(finite, axis=0))) < 1e-6
+    found = {  # kind: (found, detail)
+        "nan": (bad > 0, f"{bad} point(s) with NaN/inf"),
+        "out_of_bounds": (peak > 1.0 + BOUND_TOLERANCE, f"|coordinate| up to {peak:.4f} > 1"),
+        "non_unit_normals": (off > 0, f"{off} normal(s) not unit length"),
+        "too_few_points": (len(points) < min_points, f"{len(points)} points < {min_points}"),
+        "no_area": (flat, "all points coincide (mesh without area)"),
+    }
+    return [Problem(scene, kind, f"{name}: {detail}") for kind, (hit, detail) in found.items() if hit], points
 
 
 def check_view(
@@ -234,9 +211,7 @@ def recorded_warnings(root: Path, scene: str) -> list[Problem]:
     if not isinstance(record, dict):
         return []
     dropped = [d for d in record.get("dropped", []) if isinstance(d, dict)]
-    problems = [
-        Problem(scene, "dropped_object", f"{d.get('name')}: dropped ({d.get('reason')})") for d in dropped
-    ]
+    problems = [Problem(scene, "dropped_object", f"{d.get('name')}: dropped ({d.get('reason')})") for d in dropped]
     objects = [o for o in record.get("objects", []) if isinstance(o, dict) and o.get("warning")]
     return problems + [Problem(scene, "repaired_mesh", f"{o.get('name')}: {o['warning']}") for o in objects]
 
@@ -245,9 +220,6 @@ def check_manifest(root: Path) -> list[Problem]:
     """Dataset-level checks of a midi-scenes root: listed scenes exist and are finished, splits."""
     try:
         manifest = read_manifest(root)
-    except DataError as exc:
-        return [Problem("(dataset)", "bad_manifest", str(exc))]
-    try:
         listed = [entry["id"] for entry in manifest_entries(manifest, root / layout.MANIFEST)]
     except DataError as exc:
         return [Problem("(dataset)", "bad_manifest", str(exc))]
@@ -256,16 +228,12 @@ def check_manifest(root: Path) -> list[Problem]:
         problems.append(Problem("(dataset)", "no_scenes", f"{layout.MANIFEST} lists no scene"))
     elif not manifest.get("splits", {}).get("train"):
         problems.append(Problem("(dataset)", "empty_split", "the train split is empty"))
-    for sid in listed:
-        if not layout.is_finished(layout.scene_dir(root, sid)):
-            problems.append(
-                Problem(sid, "missing_scene", f"listed in {layout.MANIFEST} but no finished scene folder")
-            )
+    problems += [Problem(sid, "missing_scene", f"listed in {layout.MANIFEST} but no finished scene folder")
+                 for sid in listed if not layout.is_finished(layout.scene_dir(root, sid))]
     problems += _check_splits(manifest.get("splits", {}), set(listed))
     on_disk = {p.name for p in (root / layout.SCENES_DIR).glob("*") if layout.is_finished(p)}
-    for sid in sorted(on_disk - set(listed)):
-        problems.append(Problem(sid, "unlisted_scene", f"finished scene not listed in {layout.MANIFEST}"))
-    return problems
+    return problems + [Problem(sid, "unlisted_scene", f"finished scene not listed in {layout.MANIFEST}")
+                       for sid in sorted(on_disk - set(listed))]
 
 
 def _check_splits(splits: dict[str, list[str]], listed: set[str]) -> list[Problem]:
@@ -323,8 +291,6 @@ def check_dataset(
 
 
 def _write_outputs(report: CheckReport, records: list[SceneRecord], out: Path, sheet_scenes: int) -> None:
-    from midi.data.contact_sheet import write_contact_sheet
-
     by_id = {s.scene_id: s for s in report.scenes}
     ordered = sorted(records, key=lambda r: (not by_id[r.scene_id].problems,))[:sheet_scenes]
     if ordered:

@@ -21,7 +21,16 @@ from pathlib import Path
 import numpy as np
 
 from midi.data import front3d, layout
-from midi.data.images import Colour, read_label_map, read_rgb, resize_labels, resize_rgb
+from midi.data.images import (
+    WHITE,
+    Colour,
+    instance_images,
+    pad_to_square,
+    read_label_map,
+    read_rgb,
+    resize_labels,
+    resize_rgb,
+)
 from midi.data.surface_io import load_surface
 from midi.errors import DataError
 
@@ -30,48 +39,29 @@ DEFAULT_MIN_MASK_FRACTION = 0.001  # MIDI's test config: masks with <= 0.1% of t
 
 @dataclass(frozen=True)
 class SceneRecord:
-    """One scene of a dataset, as paths only (cheap to build and to pickle into loader workers).
+    """One scene of a dataset, as paths only (cheap to build and to pickle into loader workers)."""
 
-    Attributes:
-        scene_id: Scene id (``<house>-<room>`` for 3D-Front).
-        object_names: Object names in id order (id map value k+1 = object k).
-        surface_paths: One surface file per object.
-        views: ``(scene image, id map)`` per view.
-        layout: ``"midi-scenes"`` or ``"3d-front"``.
-    """
-
-    scene_id: str
-    object_names: tuple[str, ...]
-    surface_paths: tuple[Path, ...]
-    views: tuple[tuple[Path, Path], ...]
-    layout: str = layout.FORMAT
+    scene_id: str  # scene id (``<house>-<room>`` for 3D-Front)
+    object_names: tuple[str, ...]  # object names in id order (id map value k+1 = object k)
+    surface_paths: tuple[Path, ...]  # one surface file per object
+    views: tuple[tuple[Path, Path], ...]  # ``(scene image, id map)`` per view
+    layout: str = layout.FORMAT  # ``"midi-scenes"`` or ``"3d-front"``
 
 
 @dataclass
 class SceneSample:
-    """One training sample: a scene seen from one view, per kept instance.
+    """One training sample: a scene seen from one view, per kept instance."""
 
-    Attributes:
-        scene_id: Scene id.
-        view_index: Index into ``record.views``.
-        surfaces: (N, P, 6) float32, xyz + normals in the scene's normalised frame.
-        instance_images: (N, H, W, 3) float32 in [0, 1]: the scene image with every pixel outside
-            instance k set to the background colour.
-        masks: (N, H, W) float32 in {0, 1}.
-        scene_image: (H, W, 3) float32 in [0, 1].
-        object_names: Names of the N kept instances.
-        object_indices: Their indices in ``record.object_names``.
-        dropped: ``(name, reason)`` of instances left out (empty or too small mask).
-    """
-
-    scene_id: str
-    view_index: int
-    surfaces: np.ndarray
+    scene_id: str  # scene id
+    view_index: int  # index into ``record.views``
+    surfaces: np.ndarray  # (N, P, 6) float32, xyz + normals in the scene's normalised frame
+    # (N, H, W, 3) float32 in [0, 1]: the scene image with every pixel outside instance k set to the background colour
     instance_images: np.ndarray
-    masks: np.ndarray
-    scene_image: np.ndarray
-    object_names: list[str]
-    object_indices: list[int]
+    masks: np.ndarray  # (N, H, W) float32 in {0, 1}
+    scene_image: np.ndarray  # (H, W, 3) float32 in [0, 1]
+    object_names: list[str]  # names of the N kept instances
+    object_indices: list[int]  # their indices in ``record.object_names``
+    # ``(name, reason)`` of instances left out (empty or too small mask)
     dropped: list[tuple[str, str]] = field(default_factory=list)
 
     @property
@@ -100,7 +90,7 @@ def open_dataset(root: str | Path, split: str = "all") -> list[SceneRecord]:
     kind = layout.detect_layout(root)
     if kind == layout.FORMAT:
         return _open_manifest(root, split)
-    if kind == "3d-front":
+    if kind == layout.FRONT3D:
         return _open_front3d(root, split)
     raise DataError(f"{root}: neither a midi-scenes dataset (manifest.json) nor a 3D-Front root")
 
@@ -119,9 +109,7 @@ def read_manifest(root: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != layout.FORMAT:
         raise DataError(f"{path}: not a {layout.FORMAT} manifest")
     if int(manifest.get("version", 0)) > layout.VERSION:
-        raise DataError(
-            f"{path}: version {manifest.get('version')} is newer than this reader ({layout.VERSION})"
-        )
+        raise DataError(f"{path}: version {manifest.get('version')} is newer than this reader ({layout.VERSION})")
     return manifest
 
 
@@ -173,31 +161,47 @@ def _open_front3d(root: Path, split: str) -> list[SceneRecord]:
         room, names = rooms[i]
         views = tuple((img, idm) for img, idm, _ in front3d.room_views(root, room))
         surfaces = tuple(front3d.surface_paths(root, room, names))
-        records.append(SceneRecord(front3d.room_scene_id(room), tuple(names), surfaces, views, "3d-front"))
+        records.append(SceneRecord(front3d.room_scene_id(room), tuple(names), surfaces, views, layout.FRONT3D))
     return records
 
 
-def load_view(
-    record: SceneRecord, view_index: int, image_size: int | None, background: Colour
-) -> tuple[np.ndarray, np.ndarray]:
-    """Reads one view: the scene image (RGBA composited, bicubic resize) and the raw id map (nearest).
+def read_view(image: Path, ids: Path, num_objects: int | None = None, image_size: int | None = None,
+              background: Colour = WHITE) -> tuple[np.ndarray, np.ndarray]:
+    """Reads one view, the same way for prepare, --check and training.
+
+    The image is RGBA-composited on ``background``; with ``image_size`` both are padded to a square
+    (image with the background, id map with 0) and resized (bicubic / nearest), which leaves square
+    (prepared) views unstretched.
+
+    Args:
+        image: The scene image.
+        ids: Its id map.
+        num_objects: When given, a label above it is refused (see :func:`check_labels`).
+        image_size: Side of the square output; None keeps the stored size.
+        background: RGB in [0, 1].
 
     Returns:
-        ``(image (H, W, 3) float32, labels (H, W) int32)``.
+        ``(image (S, S, 3) float32 in [0, 1], labels (S, S) int32)``.
 
     Raises:
         DataError: Unreadable files, different sizes, or a label with no object.
     """
-    image_path, ids_path = record.views[view_index]
-    rgb = read_rgb(image_path, background)
-    labels = read_label_map(ids_path)
-    check_labels(labels, len(record.object_names), ids_path)
+    rgb, labels = read_rgb(image, background), read_label_map(ids)
+    if rgb.shape[:2] != labels.shape:
+        raise DataError(f"{ids}: id map is {labels.shape[::-1]} but the image is {rgb.shape[1::-1]}")
+    if num_objects is not None:
+        check_labels(labels, num_objects, ids)
     if image_size is not None:
-        rgb = resize_rgb(rgb, image_size)
-        labels = resize_labels(labels, image_size)
-    elif labels.shape != rgb.shape[:2]:
-        raise DataError(f"{ids_path}: id map {labels.shape} and image {rgb.shape[:2]} differ in size")
+        rgb = resize_rgb(pad_to_square(rgb, background), image_size)
+        labels = resize_labels(pad_to_square(labels, 0), image_size)
     return rgb, labels
+
+
+def load_view(record: SceneRecord, view_index: int, image_size: int | None,
+              background: Colour) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`read_view` of ``record.views[view_index]``, labels checked against the record's objects."""
+    image, ids = record.views[view_index]
+    return read_view(image, ids, len(record.object_names), image_size, background)
 
 
 def check_labels(labels: np.ndarray, num_objects: int, where: object) -> None:
@@ -257,9 +261,11 @@ def load_scene_sample(
     view_index: int | None,
     num_surface_points: int,
     rng: np.random.Generator,
+    *,
     image_size: int | None = None,
-    background: Colour = (1.0, 1.0, 1.0),
+    background: Colour = WHITE,
     min_mask_fraction: float = DEFAULT_MIN_MASK_FRACTION,
+    surfaces: bool = True,
 ) -> SceneSample:
     """Builds one training sample from a scene and one of its views.
 
@@ -276,6 +282,8 @@ def load_scene_sample(
         image_size: Side of the square output images; None keeps the stored size.
         background: RGB in [0, 1] used for compositing and outside the instance masks.
         min_mask_fraction: Masks with at most this fraction of the pixels are dropped.
+        surfaces: False reads the view only (training with the VAE cache): ``surfaces`` is then
+            (N, 0, 6) and ``rng`` is not used for surface subsets.
 
     Returns:
         The :class:`SceneSample`.
@@ -291,19 +299,11 @@ def load_scene_sample(
     kept, dropped = instance_masks(labels, record.object_names, min_mask_fraction)
     if not kept:
         raise DataError(f"{record.scene_id} view {view_index}: no instance left ({len(dropped)} dropped)")
-    masks = np.stack([labels == k + 1 for k in kept]).astype(np.float32)
-    bg = np.asarray(background, np.float32)
-    instance_images = rgb[None] * masks[..., None] + bg * (1.0 - masks[..., None])
-    surfaces = np.stack([subsample_surface(record.surface_paths[k], num_surface_points, rng) for k in kept])
+    images, masks = instance_images(rgb, labels, [k + 1 for k in kept], background)  # (N, H, W, 3), (N, H, W)
+    if surfaces:
+        points = np.stack([subsample_surface(record.surface_paths[k], num_surface_points, rng) for k in kept])
+    else:
+        points = np.zeros((len(kept), 0, 6), np.float32)
     names = [record.object_names[k] for k in kept]
-    return SceneSample(
-        record.scene_id,
-        view_index,
-        surfaces,
-        instance_images.astype(np.float32),
-        masks,
-        rgb,
-        names,
-        kept,
-        dropped,
-    )
+    return SceneSample(record.scene_id, view_index, points, images, masks.astype(np.float32), rgb, names, kept,
+                       dropped)

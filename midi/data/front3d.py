@@ -22,29 +22,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from midi.data.layout import inside, safe_name
+from midi.data.layout import LIST_PAIRS, RENDER_DIR, SURFACE_DIR, inside, list_file, safe_name
 from midi.errors import DataError
 
-RENDER_DIR = "3D-FRONT-RENDER"
-SURFACE_DIR = "3D-FRONT-SURFACE"
-SCENE_DIR = "3D-FRONT-SCENE"
-LIST_PAIRS = (("midi_room_ids", "midi_furniture_ids"), ("valid_room_ids", "valid_furniture_ids"))
 IMAGE_PREFIXES = ("render", "rerender")
 IDMAP_PREFIX = "semantic"
 IMAGE_SUFFIXES = (".webp", ".png", ".jpg", ".jpeg")
-
-
-def _list_file(root: Path, stem: str) -> Path | None:
-    for suffix in (".json", ".txt"):
-        if (root / f"{stem}{suffix}").is_file():
-            return root / f"{stem}{suffix}"
-    return None
-
-
-def is_front3d_root(root: Path) -> bool:
-    """True when ``root`` has the surface folder and a room list."""
-    root = Path(root)
-    return (root / SURFACE_DIR).is_dir() and any(_list_file(root, rooms) for rooms, _ in LIST_PAIRS)
 
 
 def _read_list(path: Path, nested: bool = False) -> list:
@@ -86,7 +69,7 @@ def read_rooms(root: Path) -> list[tuple[str, list[str]]]:
     """
     root = Path(root)
     for rooms_stem, furniture_stem in LIST_PAIRS:
-        rooms_file, furniture_file = _list_file(root, rooms_stem), _list_file(root, furniture_stem)
+        rooms_file, furniture_file = list_file(root, rooms_stem), list_file(root, furniture_stem)
         if rooms_file and furniture_file:
             rooms, furniture = _read_list(rooms_file), _read_list(furniture_file, nested=True)
             if len(rooms) != len(furniture):

@@ -56,19 +56,12 @@ ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 
 @dataclass
 class Instance:
-    """One instance of an id map.
+    """One instance of an id map."""
 
-    Attributes:
-        label: its value in :attr:`IdMap.labels`.
-        key: the label as text (``"3"``, or the colour ``"ff0000"`` for an RGB map); used for names.
-        pixels: area in pixels.
-        name: node name (set by inference: ``instance_<key>`` unless a mapping names it).
-    """
-
-    label: int
-    key: str
-    pixels: int
-    name: str = ""
+    label: int  # its value in :attr:`IdMap.labels`
+    key: str  # the label as text (``"3"``, or the colour ``"ff0000"`` for an RGB map); used for names
+    pixels: int  # area in pixels
+    name: str = ""  # node name (set by inference: ``instance_<key>`` unless a mapping names it)
 
 
 @dataclass
@@ -299,12 +292,8 @@ def resize_labels(labels: np.ndarray, size: int | tuple[int, int]) -> np.ndarray
         (h, w) labels, same dtype.
     """
     width, height = (size, size) if isinstance(size, int) else size
-    rows = np.minimum(
-        ((np.arange(height) + 0.5) * labels.shape[0] / height).astype(np.int64), labels.shape[0] - 1
-    )
-    cols = np.minimum(
-        ((np.arange(width) + 0.5) * labels.shape[1] / width).astype(np.int64), labels.shape[1] - 1
-    )
+    rows = np.minimum(((np.arange(height) + 0.5) * labels.shape[0] / height).astype(np.int64), labels.shape[0] - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) * labels.shape[1] / width).astype(np.int64), labels.shape[1] - 1)
     return labels[rows[:, None], cols[None, :]]
 
 
@@ -356,19 +345,21 @@ def upstream_padding(rgb: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
     return canvas, padded
 
 
-def instance_images(rgb: np.ndarray, labels: np.ndarray, instances: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """The per-instance pipeline inputs: each instance alone on white, and its mask.
+def instance_images(rgb: np.ndarray, labels: np.ndarray, instances: Sequence[int],
+                    background: Colour = WHITE) -> tuple[np.ndarray, np.ndarray]:
+    """The per-instance pipeline inputs: each instance alone on the background, and its mask.
 
     Args:
         rgb: (H, W, 3) float in [0, 1].
         labels: (H, W) integer labels.
         instances: the label of each instance, in order.
+        background: RGB in [0, 1] outside the instance (white, as upstream, unless a dataset says otherwise).
 
     Returns:
-        ``(N, H, W, 3)`` float32 images (white outside the instance) and ``(N, H, W)`` bool masks.
+        ``(N, H, W, 3)`` float32 images and ``(N, H, W)`` bool masks.
     """
     masks = labels[None] == np.asarray(instances, labels.dtype).reshape(-1, 1, 1)
-    images = np.where(masks[..., None], rgb[None].astype(np.float32), np.float32(1.0))
+    images = np.where(masks[..., None], rgb[None].astype(np.float32), np.asarray(background, np.float32))
     return images.astype(np.float32, copy=False), masks
 
 

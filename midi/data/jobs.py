@@ -16,7 +16,7 @@ import numpy as np
 
 from midi.data.camera import Camera
 from midi.data.dataset import check_labels
-from midi.data.images import Colour
+from midi.data.images import WHITE, Colour
 from midi.data.meshes import (
     DEFAULT_BOUND,
     NamedMesh,
@@ -27,6 +27,7 @@ from midi.data.meshes import (
     sample_surface,
     validate_mesh,
 )
+from midi.data.render import render_scene
 from midi.errors import DataError
 
 T = TypeVar("T")
@@ -36,35 +37,20 @@ JOB_KINDS = ("folder", "scene_file", "single_object", "synthetic", "3d-front")
 
 @dataclass(frozen=True)
 class PrepareOptions:
-    """Settings of a prepare run (all have the command line's defaults).
+    """Settings of a prepare run (all have the command line's defaults)."""
 
-    Attributes:
-        num_samples: Surface samples stored per object.
-        image_size: Side of the square output images.
-        surface_format: ``"npy"`` (MIDI dict) or ``"npz"``.
-        bound: Half-extent of the normalised scene (1 - margin).
-        views: Number of rendered views (azimuths spread evenly from ``camera.azimuth``).
-        camera: Camera of the first rendered view.
-        background: Background colour for rendering and for compositing RGBA images.
-        render: ``"auto"`` (render scenes without images), ``"always"`` or ``"never"``.
-        seed: Seed of all sampling and of the synthetic scenes.
-        single_object: Top-level mesh files are one-object scenes normalised alone.
-        val_fraction: Fraction of scenes in the val split.
-        test_fraction: Fraction of scenes in the test split.
-    """
-
-    num_samples: int = 20480
-    image_size: int = 512
-    surface_format: str = "npy"
-    bound: float = DEFAULT_BOUND
-    views: int = 1
-    camera: Camera = field(default_factory=Camera)
-    background: Colour = (1.0, 1.0, 1.0)
-    render: str = "auto"
-    seed: int = 0
-    single_object: bool = False
-    val_fraction: float = 0.1
-    test_fraction: float = 0.0
+    num_samples: int = 20480  # surface samples stored per object
+    image_size: int = 512  # side of the square output images
+    surface_format: str = "npy"  # ``"npy"`` (MIDI dict) or ``"npz"``
+    bound: float = DEFAULT_BOUND  # half-extent of the normalised scene (1 - margin)
+    views: int = 1  # number of rendered views (azimuths spread evenly from ``camera.azimuth``)
+    camera: Camera = field(default_factory=Camera)  # camera of the first rendered view
+    background: Colour = WHITE  # background colour for rendering and for compositing RGBA images
+    render: str = "auto"  # ``"auto"`` (render scenes without images), ``"always"`` or ``"never"``
+    seed: int = 0  # seed of all sampling and of the synthetic scenes
+    single_object: bool = False  # top-level mesh files are one-object scenes normalised alone
+    val_fraction: float = 0.1  # fraction of scenes in the val split
+    test_fraction: float = 0.0  # fraction of scenes in the test split
 
     def min_visible_pixels(self) -> int:
         """Pixels an object needs in a rendered view to count as visible (0.1% of the image, >= 1)."""
@@ -73,23 +59,14 @@ class PrepareOptions:
 
 @dataclass(frozen=True)
 class SceneJob:
-    """One scene to prepare.
+    """One scene to prepare."""
 
-    Attributes:
-        scene_id: Output scene id (a safe file name).
-        kind: One of :data:`JOB_KINDS`.
-        path: Input file or folder (for 3D-Front: the dataset root).
-        room: 3D-Front room path ``<house>/<room>``.
-        names: 3D-Front object names of the room.
-        seed: Seed of a synthetic scene.
-    """
-
-    scene_id: str
-    kind: str
-    path: str = ""
-    room: str = ""
-    names: tuple[str, ...] = ()
-    seed: int = 0
+    scene_id: str  # output scene id (a safe file name)
+    kind: str  # one of :data:`JOB_KINDS`
+    path: str = ""  # input file or folder (for 3D-Front: the dataset root)
+    room: str = ""  # 3D-Front room path ``<house>/<room>``
+    names: tuple[str, ...] = ()  # 3D-Front object names of the room
+    seed: int = 0  # seed of a synthetic scene
 
 
 @dataclass
@@ -140,9 +117,7 @@ def sample_objects(objects: Sequence[NamedMesh], options: PrepareOptions, scene_
     """Samples every object's surface with its own seeded generator (see :func:`object_rng`)."""
     out = []
     for index, obj in enumerate(objects):
-        points, normals = sample_surface(
-            obj.mesh, options.num_samples, object_rng(options.seed, scene_id, index)
-        )
+        points, normals = sample_surface(obj.mesh, options.num_samples, object_rng(options.seed, scene_id, index))
         info = {"num_faces": int(len(obj.mesh.faces)), "area": float(obj.mesh.area)}
         if obj.warning:
             info["warning"] = obj.warning  # kept in scene.json, where --check finds it
@@ -152,8 +127,6 @@ def sample_objects(objects: Sequence[NamedMesh], options: PrepareOptions, scene_
 
 def render_views(objects: Sequence[NamedMesh], options: PrepareOptions) -> list[ViewData]:
     """Renders ``options.views`` views at evenly spread azimuths."""
-    from midi.data.render import render_scene  # trimesh ray casting; only scenes that render need it
-
     views = []
     for k in range(options.views):
         camera = options.camera.with_azimuth(options.camera.azimuth + 360.0 * k / options.views)

@@ -10,7 +10,9 @@ Layout::
         views/<view>.png            # scene image (RGB)
         views/<view>_ids.png        # instance ids: 0 = background, k+1 = objects[k]
 
-Everything here is standard library only, so the reading side stays light.
+The 3D-Front layout of the MIDI authors is described in :mod:`midi.data.front3d`; its folder
+and list names live here too, so that this module alone knows every on-disk layout (and
+:func:`detect_layout` needs no import of the reader). Standard library only.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ SURFACES_DIR = "surfaces"
 VIEWS_DIR = "views"
 TMP_MARK = ".tmp-"
 SPLITS = ("train", "val", "test")
+FRONT3D = "3d-front"
+RENDER_DIR = "3D-FRONT-RENDER"
+SURFACE_DIR = "3D-FRONT-SURFACE"
+LIST_PAIRS = (("midi_room_ids", "midi_furniture_ids"), ("valid_room_ids", "valid_furniture_ids"))
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -127,26 +133,19 @@ def read_json(path: Path) -> object:
         return json.load(f)
 
 
+def list_file(root: Path, stem: str) -> Path | None:
+    """The 3D-Front list ``<root>/<stem>.json`` (or ``.txt``), None when there is none."""
+    return next((root / f"{stem}{s}" for s in (".json", ".txt") if (root / f"{stem}{s}").is_file()), None)
+
+
 def detect_layout(root: Path) -> str | None:
-    """Detects which dataset layout a folder holds.
-
-    Args:
-        root: The folder.
-
-    Returns:
-        ``"midi-scenes"`` (our manifest), ``"3d-front"`` (the MIDI authors' layout) or None.
-    """
+    """``"midi-scenes"`` (our manifest), ``"3d-front"`` (surface folder and a room list) or None."""
     root = Path(root)
     if (root / MANIFEST).is_file():
         return FORMAT
-    from midi.data.front3d import is_front3d_root
-
-    return "3d-front" if is_front3d_root(root) else None
-
-
-def split_unit(seed: int, scene_id: str) -> float:
-    """A stable pseudo-random number in [0, 1) per scene, so a scene keeps its split across runs."""
-    return zlib.crc32(f"{seed}:{scene_id}".encode()) / 2**32
+    if (root / SURFACE_DIR).is_dir() and any(list_file(root, rooms) for rooms, _ in LIST_PAIRS):
+        return FRONT3D
+    return None
 
 
 def assign_splits(
@@ -184,7 +183,8 @@ def assign_splits(
         if sid in kept:
             splits[kept[sid]].append(sid)
         else:
-            units[sid] = split_unit(seed, sid)
+            # A stable number in [0, 1) per scene, so a scene keeps its split across runs.
+            units[sid] = zlib.crc32(f"{seed}:{sid}".encode()) / 2**32
     new_train = []
     for sid, u in units.items():
         if u < test_fraction:

@@ -23,19 +23,12 @@ DEFAULT_BOUND = 0.95  # half-extent after normalisation: a 5% margin inside [-1,
 
 @dataclass
 class NamedMesh:
-    """One object of a scene.
+    """One object of a scene."""
 
-    Attributes:
-        name: Object name (a safe file name once the scene is assembled).
-        mesh: Triangle mesh in the scene frame.
-        source: Where it came from (file name, optionally ``file#node``).
-        warning: What loading had to repair (e.g. faces with NaN vertices removed), or "".
-    """
-
-    name: str
-    mesh: trimesh.Trimesh
-    source: str
-    warning: str = ""
+    name: str  # object name (a safe file name once the scene is assembled)
+    mesh: trimesh.Trimesh  # triangle mesh in the scene frame
+    source: str  # where it came from (file name, optionally ``file#node``)
+    warning: str = ""  # what loading had to repair (e.g. faces with NaN vertices removed), or ""
 
 
 @dataclass(frozen=True)
@@ -52,12 +45,8 @@ class Normalization:
 
     def to_json(self) -> dict[str, object]:
         """Returns the record stored in ``scene.json``."""
-        return {
-            "center": [float(v) for v in self.center],
-            "scale": float(self.scale),
-            "bound": float(self.bound),
-            "formula": "normalised = (original - center) * scale",
-        }
+        return {"center": [float(v) for v in self.center], "scale": float(self.scale), "bound": float(self.bound),
+                "formula": "normalised = (original - center) * scale"}
 
 
 def is_mesh_file(path: Path) -> bool:
@@ -187,19 +176,9 @@ def load_object(path: Path, name: str | None = None, used: set[str] | None = Non
     instances, skipped = scene_instances(load_scene_graph(path, used), path.name)
     if not instances:
         raise DataError(f"{path.name}: {skipped[0][1] if skipped else 'no triangle mesh'}")
-    mesh = concatenate([inst.mesh for inst in instances])
+    mesh = trimesh.util.concatenate([inst.mesh for inst in instances])  # geometry only, no vertex merge
     warning = "; ".join(w for w in [i.warning for i in instances] + [f"{n}: {r}" for n, r in skipped] if w)
     return NamedMesh(name or path.stem, mesh, path.name, warning)
-
-
-def concatenate(meshes: Sequence[trimesh.Trimesh]) -> trimesh.Trimesh:
-    """Concatenates triangle meshes (geometry only, no vertex merging)."""
-    if len(meshes) == 1:
-        return meshes[0]
-    offsets = np.cumsum([0] + [len(m.vertices) for m in meshes[:-1]])
-    vertices = np.concatenate([m.vertices for m in meshes])
-    faces = np.concatenate([np.asarray(m.faces) + off for m, off in zip(meshes, offsets)])
-    return trimesh.Trimesh(vertices, faces, process=False)
 
 
 def validate_mesh(obj: NamedMesh) -> None:
@@ -241,15 +220,11 @@ def joint_normalization(meshes: Sequence[trimesh.Trimesh], bound: float = DEFAUL
 
 def apply_normalization(obj: NamedMesh, norm: Normalization) -> NamedMesh:
     """Returns a copy of the object with the normalisation applied to its vertices."""
-    mesh = trimesh.Trimesh(
-        norm.apply(np.asarray(obj.mesh.vertices)), np.asarray(obj.mesh.faces), process=False
-    )
+    mesh = trimesh.Trimesh(norm.apply(np.asarray(obj.mesh.vertices)), np.asarray(obj.mesh.faces), process=False)
     return NamedMesh(obj.name, mesh, obj.source, obj.warning)
 
 
-def sample_surface(
-    mesh: trimesh.Trimesh, count: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+def sample_surface(mesh: trimesh.Trimesh, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Draws area-weighted uniform samples on the surface with the normal of the hit face.
 
     Args:

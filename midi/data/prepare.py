@@ -20,28 +20,36 @@ repaired the mesh, ``warning``;
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 from PIL import Image
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from midi.data import layout
+from midi.data import layout, sources
 from midi.data.atomic import commit_dir, make_tmp_dir, remove_stale_tmp, write_json
 from midi.data.images import labels_to_image, save_png
 from midi.data.jobs import ObjectData, PrepareOptions, SceneContent, SceneJob, ViewData
+from midi.data.manifest import SCENE_SETTINGS, check_resume_settings, settings, write_manifest
 from midi.data.surface_io import save_surface
-from midi.data.threads import pid_alive, single_threaded_blas, worker_init
+from midi.data.synthetic import synthetic_jobs
 from midi.errors import DataError, UsageError
 
 REPORT_NAME = "prepare_report.json"
@@ -49,6 +57,7 @@ LOCK_NAME = ".prepare.lock"
 WORKER_DIED = "worker died (out of memory?)"
 # Errors of the output disk: fatal for the whole run, since every later scene would fail alike.
 FATAL_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EROFS) if e)
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 @dataclass
@@ -65,39 +74,26 @@ class SceneOutcome:
 
 @dataclass
 class PrepareReport:
-    """Summary of a prepare run.
+    """Summary of a prepare run."""
 
-    Attributes:
-        output_dir: Dataset root.
-        written: Scenes written by this run.
-        already_done: Scenes found finished (resume).
-        skipped: ``{"scene", "reason"}`` of every scene that failed.
-        warnings: ``{"scene", "object", "detail"}`` of every object dropped or repaired in a written scene.
-        num_meshes: Objects written by this run.
-        seconds: Wall time of the scene work.
-        workers: Worker processes used.
-        num_scenes_total: Scenes listed in the manifest.
-        aborted: True when ``strict`` stopped the run at the first failure.
-    """
-
-    output_dir: str
-    written: list[str] = field(default_factory=list)
-    already_done: list[str] = field(default_factory=list)
-    skipped: list[dict[str, str]] = field(default_factory=list)
+    output_dir: str  # dataset root
+    written: list[str] = field(default_factory=list)  # scenes written by this run
+    already_done: list[str] = field(default_factory=list)  # scenes found finished (resume)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # ``{"scene", "reason"}`` of every scene that failed
+    # ``{"scene", "object", "detail"}`` of every object dropped or repaired in a written scene
     warnings: list[dict[str, str]] = field(default_factory=list)
-    num_meshes: int = 0
-    seconds: float = 0.0
-    workers: int = 1
-    num_scenes_total: int = 0
-    aborted: bool = False
+    num_meshes: int = 0  # objects written by this run
+    seconds: float = 0.0  # wall time of the scene work
+    workers: int = 1  # worker processes used
+    num_scenes_total: int = 0  # scenes listed in the manifest
+    aborted: bool = False  # true when ``strict`` stopped the run at the first failure
 
     @property
     def meshes_per_second(self) -> float:
         """Objects written per second of wall time."""
         return self.num_meshes / self.seconds if self.seconds > 0 else 0.0
 
-    def to_json(self) -> dict[str, Any]:
-        """The report as stored in ``prepare_report.json``."""
+    def to_json(self) -> dict[str, Any]:  # as stored in prepare_report.json
         return asdict(self) | {"meshes_per_second": round(self.meshes_per_second, 3)}
 
     def summary(self) -> str:
@@ -114,14 +110,8 @@ class PrepareReport:
         return "\n".join(lines)
 
 
-def prepare_dataset(
-    input_dir: str | Path,
-    output_dir: str | Path,
-    options: PrepareOptions | None = None,
-    workers: int = 1,
-    progress: bool = False,
-    strict: bool = False,
-) -> PrepareReport:
+def prepare_dataset(input_dir: str | Path, output_dir: str | Path, options: PrepareOptions | None = None,
+                    workers: int = 1, progress: bool = False, strict: bool = False) -> PrepareReport:
     """Prepares every scene found in ``input_dir`` into ``output_dir`` (resumable).
 
     Args:
@@ -136,33 +126,31 @@ def prepare_dataset(
         DataError: The input does not exist or is already a prepared dataset.
         UsageError: ``output_dir`` was prepared with other settings.
     """
-    from midi.data.sources import discover_jobs
-
-    options = options or PrepareOptions()
     output_dir = Path(output_dir)
-    jobs = discover_jobs(Path(input_dir), options.single_object)
+    jobs = sources.discover_jobs(Path(input_dir), (options or PrepareOptions()).single_object)
     # An output folder inside the input folder must not be taken for a scene on a re-run.
     jobs = [j for j in jobs if Path(j.path).resolve() != output_dir.resolve()]
-    return run_jobs(output_dir, jobs, options, workers=workers, progress=progress, strict=strict)
+    return run_jobs(output_dir, jobs, options or PrepareOptions(), workers=workers, progress=progress, strict=strict)
 
 
-def run_jobs(
-    output_dir: Path,
-    jobs: Sequence[SceneJob],
-    options: PrepareOptions,
-    workers: int = 1,
-    progress: bool = False,
-    strict: bool = False,
-) -> PrepareReport:
-    """Runs scene jobs on ``workers`` processes, then writes the manifest and the report.
+def prepare_synthetic(output_dir: str | Path, num_scenes: int, *, seed: int = 0, options: PrepareOptions | None = None,
+                      workers: int = 1, progress: bool = False, strict: bool = False) -> PrepareReport:
+    """Writes ``num_scenes`` seeded synthetic scenes straight into the prepared layout (resumable).
 
-    Args:
-        output_dir: Dataset root.
-        jobs: Scenes to prepare; finished ones are skipped.
-        options: Settings.
-        workers: Worker processes (1 = in this process).
-        progress: Show a progress bar.
-        strict: Stop at the first skipped scene.
+    Scene ``i`` (id ``synthetic_<i:05d>``) is drawn from ``scene_seed(seed, i)``; ``seed`` also
+    seeds the sampling (it replaces ``options.seed``). The other arguments are those of
+    :func:`prepare_dataset`.
+    """
+    options = dataclass_replace(options or PrepareOptions(), seed=seed)
+    return run_jobs(Path(output_dir), synthetic_jobs(num_scenes, seed), options, workers=workers, progress=progress,
+                    strict=strict)
+
+
+def run_jobs(output_dir: Path, jobs: Sequence[SceneJob], options: PrepareOptions, workers: int = 1,
+             progress: bool = False, strict: bool = False) -> PrepareReport:
+    """Runs scene jobs (finished ones are skipped) on ``workers`` processes, then writes the manifest.
+
+    The other arguments are those of :func:`prepare_dataset`.
 
     Returns:
         The report (also written to ``<output_dir>/prepare_report.json``).
@@ -198,7 +186,7 @@ def output_lock(output_dir: Path) -> Iterator[None]:
                 pid = int(path.read_text().split()[0])
             except (OSError, ValueError, IndexError):
                 pid = None
-            if pid is not None and pid != os.getpid() and pid_alive(pid):
+            if pid is not None and pid != os.getpid() and psutil.pid_exists(pid):
                 raise UsageError(f"{path}: another prepare run (pid {pid}) is writing into {output_dir}; "
                                  "wait for it, or delete the lock if no such run is going on") from None
             path.unlink(missing_ok=True)
@@ -226,8 +214,9 @@ def _run_locked(output_dir: Path, jobs: Sequence[SceneJob], options: PrepareOpti
         else:
             pending.append(job)
     start = time.perf_counter()
+    # The parallelism comes from the workers: BLAS threads (trimesh's np.dot) would only steal their cores.
     with (
-        single_threaded_blas(),
+        threadpool_limits(1),
         tqdm(total=len(jobs), initial=len(report.already_done), disable=not progress, unit="scene") as bar,
     ):
         for outcome in _outcomes(output_dir, pending, options, workers):
@@ -243,15 +232,17 @@ def _run_locked(output_dir: Path, jobs: Sequence[SceneJob], options: PrepareOpti
     return report
 
 
-def _validate_options(options: PrepareOptions) -> None:
-    if options.surface_format not in ("npy", "npz"):
-        raise UsageError(f"surface format must be npy or npz, got {options.surface_format!r}")
-    if options.num_samples < 1 or options.image_size < 8 or options.views < 1:
-        raise UsageError("num_samples must be >= 1, image_size >= 8 and views >= 1")
-    if not 0.0 < options.bound <= 1.0:
-        raise UsageError(f"margin must leave a bound in (0, 1], got bound {options.bound}")
-    if options.render not in ("auto", "always", "never"):
-        raise UsageError(f"render must be auto, always or never, got {options.render!r}")
+def _validate_options(o: PrepareOptions) -> None:
+    checks = (  # (valid, message), checked in order
+        (o.surface_format in ("npy", "npz"), f"surface format must be npy or npz, got {o.surface_format!r}"),
+        (o.num_samples >= 1 and o.image_size >= 8 and o.views >= 1,
+         "num_samples must be >= 1, image_size >= 8 and views >= 1"),
+        (0.0 < o.bound <= 1.0, f"margin must leave a bound in (0, 1], got bound {o.bound}"),
+        (o.render in ("auto", "always", "never"), f"render must be auto, always or never, got {o.render!r}"),
+    )
+    problem = next((message for valid, message in checks if not valid), None)
+    if problem:
+        raise UsageError(problem)
 
 
 def _record(report: PrepareReport, outcome: SceneOutcome) -> None:
@@ -306,6 +297,29 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=workers, initializer=worker_init, initargs=(os.getpid(),))
 
 
+def worker_init(parent: int) -> None:
+    """ProcessPoolExecutor initializer: single-threaded BLAS, and exit when ``parent`` dies.
+
+    A pool worker waiting on its queue never notices a ``kill -9`` of the parent: it would live
+    on, or finish its scene and race a rerun. On Linux the kernel kills it (parent-death
+    signal); elsewhere a thread watches for the parent to change.
+    """
+    threadpool_limits(1)  # kept for the worker's life (never restored)
+    if sys.platform.startswith("linux") and ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) == 0:
+        # The parent may have died before prctl: then no signal comes. (With a forkserver the
+        # parent process is the server, which exits with the parent.)
+        if os.getppid() != parent and not psutil.pid_exists(parent):
+            os._exit(1)
+        return
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _watch_parent(ppid: int) -> None:
+    while os.getppid() == ppid:
+        time.sleep(0.5)
+    os._exit(1)
+
+
 def process_job(job: SceneJob, output_dir: Path, options: PrepareOptions) -> SceneOutcome:
     """Builds and writes one scene; never raises for bad input (worker entry point).
 
@@ -313,14 +327,12 @@ def process_job(job: SceneJob, output_dir: Path, options: PrepareOptions) -> Sce
         ``written`` with the object count, ``done`` if finished earlier, or ``skipped`` with
         a one-line reason.
     """
-    from midi.data.sources import build_content
-
     start = time.perf_counter()
     if layout.is_finished(layout.scene_dir(output_dir, job.scene_id)):
         return SceneOutcome(job.scene_id, "done")
     try:
-        with single_threaded_blas():  # again per job: libraries loaded since the worker started
-            content = build_content(job, options)
+        with threadpool_limits(1):  # again per job: libraries loaded since the worker started
+            content = sources.build_content(job, options)
             write_scene(output_dir, job.scene_id, content, options)
     except DataError as exc:
         return SceneOutcome(job.scene_id, "skipped", str(exc))
@@ -332,9 +344,7 @@ def process_job(job: SceneJob, output_dir: Path, options: PrepareOptions) -> Sce
         return SceneOutcome(job.scene_id, "skipped", str(DataError(f"{type(exc).__name__}: {exc}")))
     # Objects left out or repaired are not failures, but must not pass unseen ("clean").
     warnings = [{"object": d["name"], "detail": f"dropped: {d['reason']}"} for d in content.dropped]
-    warnings += [
-        {"object": o.name, "detail": o.info["warning"]} for o in content.objects if o.info.get("warning")
-    ]
+    warnings += [{"object": o.name, "detail": o.info["warning"]} for o in content.objects if o.info.get("warning")]
     return SceneOutcome(job.scene_id, "written", num_objects=len(content.objects),
                         seconds=time.perf_counter() - start, warnings=warnings)
 
@@ -364,13 +374,8 @@ def write_scene(output_dir: Path, scene_id: str, content: SceneContent, options:
 def _write_object(scene: Path, obj: ObjectData, surface_format: str) -> dict[str, Any]:
     path = layout.surface_path(scene, obj.name, surface_format)
     save_surface(path, obj.points, obj.normals)
-    rel = f"{layout.SURFACES_DIR}/{path.name}"
-    return {
-        "name": obj.name,
-        "surface": rel,
-        "source": obj.source,
-        "num_points": int(len(obj.points)),
-    } | obj.info
+    surface = f"{layout.SURFACES_DIR}/{path.name}"
+    return {"name": obj.name, "surface": surface, "source": obj.source, "num_points": int(len(obj.points))} | obj.info
 
 
 def _write_view(scene: Path, index: int, view: ViewData) -> dict[str, Any]:
@@ -378,150 +383,15 @@ def _write_view(scene: Path, index: int, view: ViewData) -> dict[str, Any]:
     image_path, ids_path = layout.view_paths(scene, name)
     save_png(image_path, Image.fromarray(view.rgb))
     save_png(ids_path, labels_to_image(view.ids))
-    counts = np.bincount(view.ids.ravel()).tolist()
-    record = {
-        "name": name,
-        "image": f"{layout.VIEWS_DIR}/{image_path.name}",
-        "id_map": f"{layout.VIEWS_DIR}/{ids_path.name}",
-    }
+    counts = np.bincount(view.ids.ravel()).tolist()  # [background, object 0, object 1, ...]
+    record = {"name": name, "image": f"{layout.VIEWS_DIR}/{image_path.name}",
+              "id_map": f"{layout.VIEWS_DIR}/{ids_path.name}"}
     return record | {"instance_pixels": counts[1:], "camera": view.camera} | view.source
 
 
-def _scene_record(
-    scene_id: str, content: SceneContent, objects: list[dict], views: list[dict], options: PrepareOptions
-) -> dict[str, Any]:
-    return {
-        "format": layout.FORMAT,
-        "version": layout.VERSION,
-        "id": scene_id,
-        "objects": objects,
-        "views": views,
-        "normalization": content.normalization,
-        "dropped": content.dropped,
-        "source": content.source,
-        "num_surface_points": options.num_samples,
-        "image_size": options.image_size,
-        "surface_format": options.surface_format,
-        "background": list(options.background),
-        "seed": options.seed,
-    }
+def _scene_record(scene_id: str, content: SceneContent, objects: list[dict], views: list[dict],
+                  options: PrepareOptions) -> dict[str, Any]:
+    return {"format": layout.FORMAT, "version": layout.VERSION, "id": scene_id, "objects": objects, "views": views,
+            "normalization": content.normalization, "dropped": content.dropped, "source": content.source,
+            } | {k: v for k, v in settings(options).items() if k in SCENE_SETTINGS}
 
-
-def finished_scenes(output_dir: Path) -> dict[str, dict[str, Any]]:
-    """Reads the ``scene.json`` of every finished scene (sorted by id).
-
-    Unreadable records are ignored here (the check reports them).
-    """
-    scenes = Path(output_dir) / layout.SCENES_DIR
-    out: dict[str, dict[str, Any]] = {}
-    if not scenes.is_dir():
-        return out
-    for folder in sorted(scenes.iterdir()):
-        if layout.is_tmp_name(folder.name) or not layout.is_finished(folder):
-            continue
-        try:
-            out[folder.name] = layout.read_json(folder / layout.SCENE_JSON)
-        except (OSError, ValueError):
-            continue
-    return out
-
-
-def read_old_manifest(output_dir: Path) -> dict[str, Any] | None:
-    """Reads the manifest of an earlier run (None when there is none).
-
-    Raises:
-        DataError: ``"<file>: <problem>"`` when it is unreadable or not a JSON object.
-    """
-    path = Path(output_dir) / layout.MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        data = layout.read_json(path)
-    except ValueError as exc:
-        raise DataError(f"{path}: corrupt manifest ({exc}); delete it to rebuild it from the scenes") from exc
-    if not isinstance(data, dict):
-        raise DataError(
-            f"{path}: corrupt manifest (not a JSON object); delete it to rebuild it from the scenes"
-        )
-    return data
-
-
-def check_resume_settings(output_dir: Path, options: PrepareOptions) -> None:
-    """Refuses to mix scenes prepared with other settings.
-
-    Compared: sample count, image size, surface format, background, normalisation bound (margin),
-    and, where recorded, rendered views and seed.
-
-    Raises:
-        UsageError: Naming the setting, the old and the new value.
-        DataError: The existing manifest is corrupt.
-    """
-    old = read_old_manifest(output_dir)
-    if old is None:
-        record = next(iter(finished_scenes(output_dir).values()), {})
-        old = {k: record[k] for k in ("num_surface_points", "image_size", "surface_format", "background", "seed")
-               if k in record}
-        norm = record.get("normalization")
-        if isinstance(norm, dict) and "bound" in norm:
-            old["bound"] = norm["bound"]
-    wanted = {"num_surface_points": options.num_samples, "image_size": options.image_size,
-              "surface_format": options.surface_format, "background": list(options.background),
-              "bound": options.bound, "views": options.views, "seed": options.seed}
-    for key, value in wanted.items():
-        if key not in old:
-            continue
-        same = _close(old[key], value) if key == "bound" else old[key] == value
-        if not same:
-            raise UsageError(
-                f"{output_dir} was prepared with {key}={old[key]}, not {value}; use the same or a new folder"
-            )
-
-
-def _close(a: object, b: float) -> bool:
-    try:
-        return abs(float(a) - b) < 1e-9  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return False
-
-
-def write_manifest(output_dir: Path, options: PrepareOptions) -> dict[str, Any]:
-    """Writes ``manifest.json`` listing every finished scene and the splits (atomically).
-
-    Returns:
-        The manifest.
-    """
-    old = read_old_manifest(output_dir) or {}
-    records = finished_scenes(output_dir)
-    split_settings = {
-        "val_fraction": options.val_fraction,
-        "test_fraction": options.test_fraction,
-        "seed": options.seed,
-    }
-    # Scenes of earlier runs keep their split; only new scenes are assigned.
-    existing = old.get("splits") if old.get("split_settings") == split_settings else None
-    scenes = [
-        {
-            "id": sid,
-            "objects": [o["name"] for o in rec.get("objects", [])],
-            "views": [v["name"] for v in rec.get("views", [])],
-        }
-        for sid, rec in records.items()
-    ]
-    manifest = {
-        "format": layout.FORMAT,
-        "version": layout.VERSION,
-        "num_surface_points": options.num_samples,
-        "image_size": options.image_size,
-        "surface_format": options.surface_format,
-        "background": list(options.background),
-        "bound": options.bound,
-        "views": options.views,
-        "seed": options.seed,
-        "scenes": scenes,
-        "splits": layout.assign_splits(
-            list(records), options.val_fraction, options.test_fraction, options.seed, existing=existing
-        ),
-        "split_settings": split_settings,
-    }
-    write_json(Path(output_dir) / layout.MANIFEST, manifest)
-    return manifest

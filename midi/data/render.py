@@ -13,38 +13,30 @@ from typing import Any
 
 import numpy as np
 import trimesh
+from trimesh.ray import ray_triangle
 
 from midi.data.camera import Camera, camera_record, pixel_rays
 from midi.data.images import Colour, instance_colours, to_uint8
-from midi.data.meshes import concatenate
 
 AMBIENT = 0.35
 
 
 @dataclass
 class Rendering:
-    """One rendered view.
+    """One rendered view."""
 
-    Attributes:
-        rgb: (H, W, 3) uint8 image.
-        ids: (H, W) int32 instance ids, 0 = background, k+1 = meshes[k].
-        camera: The camera record (see :func:`midi.data.camera.camera_record`).
-    """
-
-    rgb: np.ndarray
-    ids: np.ndarray
-    camera: dict[str, Any]
+    rgb: np.ndarray  # (H, W, 3) uint8 image
+    ids: np.ndarray  # (H, W) int32 instance ids, 0 = background, k+1 = meshes[k]
+    camera: dict[str, Any]  # the camera record (see :func:`midi.data.camera.camera_record`)
 
 
 def _intersector(mesh: trimesh.Trimesh) -> Any:
     try:
-        from trimesh.ray.ray_pyembree import RayMeshIntersector
+        from trimesh.ray.ray_pyembree import RayMeshIntersector  # optional: embreex
 
         return RayMeshIntersector(mesh, scale_to_box=False)
     except Exception:  # embreex missing or failing: the pure-numpy intersector is slower but exact
-        from trimesh.ray.ray_triangle import RayMeshIntersector
-
-        return RayMeshIntersector(mesh)
+        return ray_triangle.RayMeshIntersector(mesh)
 
 
 def bounding_radius(meshes: Sequence[trimesh.Trimesh], center: Sequence[float]) -> float:
@@ -73,7 +65,7 @@ def render_scene(
         The :class:`Rendering`.
     """
     record = camera_record(camera, bounding_radius(meshes, camera.target), image_size, image_size)
-    merged = concatenate(list(meshes))
+    merged = trimesh.util.concatenate(list(meshes))  # (sum of faces) in id order, no vertex merge
     face_instance = np.repeat(np.arange(len(meshes)), [len(m.faces) for m in meshes])
     origins, dirs = pixel_rays(record)
     hit = np.asarray(_intersector(merged).intersects_first(origins, dirs), np.int64)

@@ -20,14 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from midi.data import front3d, layout
-from midi.data.images import (
-    pad_to_square,
-    read_label_map,
-    read_rgb,
-    resize_labels,
-    resize_rgb,
-    to_uint8,
-)
+from midi.data.dataset import read_view
+from midi.data.images import to_uint8
 from midi.data.jobs import (
     ObjectData,
     PrepareOptions,
@@ -42,8 +36,16 @@ from midi.data.jobs import (
     sample_objects,
 )
 from midi.data.layout import detect_layout, safe_name, unique_names
-from midi.data.meshes import MESH_SUFFIXES, NamedMesh, is_mesh_file, load_instances, load_object
+from midi.data.meshes import (
+    MESH_SUFFIXES,
+    NamedMesh,
+    Normalization,
+    is_mesh_file,
+    load_instances,
+    load_object,
+)
 from midi.data.surface_io import load_surface
+from midi.data.synthetic import build_synthetic_content
 from midi.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -68,10 +70,10 @@ def discover_jobs(input_path: Path, single_object: bool = False) -> list[SceneJo
         return [SceneJob(safe_name(input_path.stem, "scene"), kind, str(input_path))]
     if not input_path.is_dir():
         raise DataError(f"{input_path}: input not found")
-    layout = detect_layout(input_path)
-    if layout == "midi-scenes":
+    kind = detect_layout(input_path)
+    if kind == layout.FORMAT:
         raise DataError(f"{input_path}: already a prepared dataset (use --check)")
-    if layout == "3d-front":
+    if kind == layout.FRONT3D:
         return _front_jobs(input_path)
     return _folder_jobs(input_path, single_object)
 
@@ -88,9 +90,7 @@ def _folder_jobs(root: Path, single_object: bool) -> list[SceneJob]:
 def _front_jobs(root: Path) -> list[SceneJob]:
     rooms = front3d.read_rooms(root)
     ids = unique_names(front3d.room_scene_id(room) for room, _ in rooms)
-    return [
-        SceneJob(sid, "3d-front", str(root), room, tuple(names)) for sid, (room, names) in zip(ids, rooms)
-    ]
+    return [SceneJob(sid, layout.FRONT3D, str(root), room, tuple(names)) for sid, (room, names) in zip(ids, rooms)]
 
 
 def build_content(job: SceneJob, options: PrepareOptions) -> SceneContent:
@@ -99,11 +99,9 @@ def build_content(job: SceneJob, options: PrepareOptions) -> SceneContent:
     Raises:
         DataError: Any problem with the scene's inputs, as one line.
     """
-    if job.kind == "3d-front":
+    if job.kind == layout.FRONT3D:
         return build_front_content(job, options)
     if job.kind == "synthetic":
-        from midi.data.synthetic import build_synthetic_content
-
         return build_synthetic_content(job, options)
     if job.kind == "folder":
         objects, dropped, user_views = _load_folder(Path(job.path), options)
@@ -171,7 +169,7 @@ def _load_folder(folder: Path, options: PrepareOptions) -> tuple[list[NamedMesh]
     names = unique_names(safe_name(p.stem, "object") for p in mesh_files)
     used = _mtl_textures(folder)  # files the meshes refer to are textures, never scene images
     objects = [load_object(p, n, used) for p, n in zip(mesh_files, names)]
-    views = [] if options.render == "always" else folder_views(folder, options, used)
+    views = [] if options.render == "always" else [load_view(i, m, options) for i, m in find_view_pairs(folder, used)]
     return objects, [], views
 
 
@@ -230,10 +228,8 @@ def find_view_pairs(folder: Path, textures: set[str] = frozenset()) -> list[tupl
     Raises:
         DataError: An image without id map, or an id map without image.
     """
-    images = sorted(
-        p for p in folder.iterdir()
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and p.name.lower() not in textures
-    )
+    images = sorted(p for p in folder.iterdir()
+                    if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and p.name.lower() not in textures)
     maps = {p.stem.lower(): p for p in images if _is_id_map(p.stem)}
     pairs, used = [], set()
     for image in (p for p in images if not _is_id_map(p.stem)):
@@ -263,23 +259,13 @@ def _id_map_candidates(stem: str) -> list[str]:
     return names
 
 
-def folder_views(folder: Path, options: PrepareOptions, textures: set[str] = frozenset()) -> list[ViewData]:
-    """Reads, pads to square and resizes the user views of a scene folder (textures left out)."""
-    return [load_view(image, idmap, options) for image, idmap in find_view_pairs(folder, textures)]
-
-
 def load_view(image: Path, idmap: Path, options: PrepareOptions) -> ViewData:
-    """Reads one user view: RGBA composited on the background, padded to square, resized.
+    """Reads one user view with :func:`midi.data.dataset.read_view` (padded to square, resized).
 
     Raises:
         DataError: Unreadable image or id map, or different sizes.
     """
-    rgb = read_rgb(image, options.background)
-    labels = read_label_map(idmap)
-    if rgb.shape[:2] != labels.shape:
-        raise DataError(f"{idmap}: id map is {labels.shape[::-1]} but the image is {rgb.shape[1::-1]}")
-    rgb = resize_rgb(pad_to_square(rgb, options.background), options.image_size)
-    labels = resize_labels(pad_to_square(labels, 0), options.image_size)
+    rgb, labels = read_view(image, idmap, None, options.image_size, options.background)
     source = {"rendered": False, "image": str(image), "id_map": str(idmap)}
     return ViewData(to_uint8(rgb), labels.astype(np.int32), None, source)
 
@@ -297,50 +283,37 @@ def build_front_content(job: SceneJob, options: PrepareOptions) -> SceneContent:
     names = list(job.names)
     views = [load_view(img, idm, options) for img, idm, _ in front3d.room_views(root, job.room)]
     if not views:
-        raise DataError(f"{front3d.RENDER_DIR}/{job.room}: no render with a semantic id map")
+        raise DataError(f"{layout.RENDER_DIR}/{job.room}: no render with a semantic id map")
     check_extra_labels(views, names)
     surfaces = [load_surface(p) for p in front3d.surface_paths(root, job.room, names)]
     for name, (points, _) in zip(names, surfaces):
         if len(points) < options.num_samples:
-            raise DataError(
-                f"{job.room}/{name}.npy: {len(points)} points < --num_samples {options.num_samples}"
-            )
-    norm = _front_normalization(surfaces, options.bound)
+            raise DataError(f"{job.room}/{name}.npy: {len(points)} points < --num_samples {options.num_samples}")
+    norm, note = _front_normalization([p for p, _ in surfaces], options.bound)
     safe = unique_names(safe_name(n, "object") for n in names)
+    # In float32, the surfaces' own precision (float64 would round differently from earlier runs).
+    center = np.asarray(norm.center, np.float32)
     objects = [
-        ObjectData(s, f"{front3d.SURFACE_DIR}/{job.room}/{n}.npy", norm(p), nrm.copy())
+        ObjectData(s, f"{layout.SURFACE_DIR}/{job.room}/{n}.npy", ((p - center) * norm.scale).astype(np.float32),
+                   nrm.copy())
         for s, n, (p, nrm) in zip(safe, names, surfaces)
     ]
     objects, views, dropped = drop_unseen(objects, safe, views, 1, "in no id map")
-    source = {"kind": "3d-front", "path": str(root), "room": job.room}
-    return SceneContent(objects, views, norm.record, source, dropped)
+    source = {"kind": layout.FRONT3D, "path": str(root), "room": job.room}
+    return SceneContent(objects, views, norm.to_json() | {"note": note}, source, dropped)
 
 
-class _FrontNorm:
-    """Identity for rooms already inside [-1, 1]^3, else a joint bounding-box normalisation."""
-
-    def __init__(self, lo: np.ndarray, hi: np.ndarray, bound: float) -> None:
-        inside = bool(np.all(lo >= -1.0) and np.all(hi <= 1.0))
-        self.center = np.zeros(3) if inside else (lo + hi) / 2.0
-        self.scale = 1.0 if inside else 2.0 * bound / float(np.max(hi - lo))
-        self.record = {
-            "center": self.center.tolist(),
-            "scale": self.scale,
-            "bound": float(np.max(np.abs(np.concatenate([lo, hi])))) if inside else bound,
-            "formula": "normalised = (original - center) * scale",
-            "note": "kept as published (inside [-1, 1])" if inside else "renormalised jointly",
-        }
-
-    def __call__(self, points: np.ndarray) -> np.ndarray:
-        return ((points - self.center) * self.scale).astype(np.float32)
-
-
-def _front_normalization(surfaces: list[tuple[np.ndarray, np.ndarray]], bound: float) -> _FrontNorm:
-    finite = [p for p, _ in surfaces]
-    if not all(np.all(np.isfinite(p)) for p in finite):
+def _front_normalization(points: list[np.ndarray], bound: float) -> tuple[Normalization, str]:
+    """Identity for rooms already inside [-1, 1]^3 (as published), else a joint bounding-box normalisation."""
+    if not all(np.all(np.isfinite(p)) for p in points):
         raise DataError("non-finite surface points")
-    lo = np.min([p.min(axis=0) for p in finite], axis=0)
-    hi = np.max([p.max(axis=0) for p in finite], axis=0)
+    lo = np.min([p.min(axis=0) for p in points], axis=0)
+    hi = np.max([p.max(axis=0) for p in points], axis=0)
     if not float(np.max(hi - lo)) > 0:
         raise DataError("room surfaces have zero extent")
-    return _FrontNorm(lo, hi, bound)
+    if np.all(lo >= -1.0) and np.all(hi <= 1.0):
+        extent = float(np.max(np.abs(np.concatenate([lo, hi]))))
+        return Normalization((0.0, 0.0, 0.0), 1.0, extent), "kept as published (inside [-1, 1])"
+    center = (lo + hi) / 2.0
+    scale = 2.0 * bound / float(np.max(hi - lo))
+    return Normalization((float(center[0]), float(center[1]), float(center[2])), scale, bound), "renormalised jointly"

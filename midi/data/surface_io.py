@@ -109,10 +109,8 @@ def load_surface(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     except DataError:
         raise
     except pickle.UnpicklingError as exc:
-        raise DataError(
-            f"{path}: refused to unpickle ({exc}); only a dict of numpy arrays is allowed; "
-            + _CONVERT.format(path=path)
-        ) from exc
+        raise DataError(f"{path}: refused to unpickle ({exc}); only a dict of numpy arrays is allowed; "
+                        + _CONVERT.format(path=path)) from exc
     except Exception as exc:
         raise DataError(f"{path}: cannot read surface file ({type(exc).__name__}: {exc})") from exc
     return _validate_arrays(data["surface_points"], data["surface_normals"], path)

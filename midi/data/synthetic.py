@@ -10,13 +10,10 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import trimesh
 
-from midi.data.camera import Camera
-from midi.data.images import Colour
 from midi.data.jobs import (
     PrepareOptions,
     SceneContent,
@@ -27,7 +24,6 @@ from midi.data.jobs import (
     sample_objects,
 )
 from midi.data.meshes import NamedMesh
-from midi.data.prepare import PrepareReport, run_jobs
 from midi.errors import DataError
 
 PRIMITIVES = ("box", "sphere", "cylinder", "cone", "torus", "capsule")
@@ -38,40 +34,22 @@ FOOTPRINT_GAP = 0.05
 _Z_TO_Y = trimesh.transformations.rotation_matrix(-math.pi / 2, [1, 0, 0])
 
 
-def _box(rng: np.random.Generator) -> trimesh.Trimesh:
-    return trimesh.creation.box(extents=rng.uniform([0.3, 0.3, 0.2], [1.0, 1.0, 1.0]))
-
-
-def _sphere(rng: np.random.Generator) -> trimesh.Trimesh:
-    return trimesh.creation.icosphere(subdivisions=2, radius=rng.uniform(0.2, 0.5))
-
-
-def _cylinder(rng: np.random.Generator) -> trimesh.Trimesh:
-    return trimesh.creation.cylinder(
-        radius=rng.uniform(0.15, 0.45), height=rng.uniform(0.3, 1.2), sections=32
-    )
-
-
-def _cone(rng: np.random.Generator) -> trimesh.Trimesh:
-    return trimesh.creation.cone(radius=rng.uniform(0.2, 0.5), height=rng.uniform(0.4, 1.2), sections=32)
-
-
-def _torus(rng: np.random.Generator) -> trimesh.Trimesh:
-    major = rng.uniform(0.25, 0.45)
-    return trimesh.creation.torus(
-        major, major * rng.uniform(0.25, 0.45), major_sections=32, minor_sections=16
-    )
-
-
-def _capsule(rng: np.random.Generator) -> trimesh.Trimesh:
-    return trimesh.creation.capsule(
-        height=rng.uniform(0.2, 0.8), radius=rng.uniform(0.12, 0.3), count=[16, 16]
-    )
-
-
+# One maker per kind, drawing its size from the generator.
 _MAKERS: dict[str, Callable[[np.random.Generator], trimesh.Trimesh]] = {
-    "box": _box, "sphere": _sphere, "cylinder": _cylinder, "cone": _cone, "torus": _torus, "capsule": _capsule,
+    "box": lambda rng: trimesh.creation.box(extents=rng.uniform([0.3, 0.3, 0.2], [1.0, 1.0, 1.0])),
+    "sphere": lambda rng: trimesh.creation.icosphere(subdivisions=2, radius=rng.uniform(0.2, 0.5)),
+    "cylinder": lambda rng: trimesh.creation.cylinder(radius=rng.uniform(0.15, 0.45), height=rng.uniform(0.3, 1.2),
+                                                      sections=32),
+    "cone": lambda rng: trimesh.creation.cone(radius=rng.uniform(0.2, 0.5), height=rng.uniform(0.4, 1.2), sections=32),
+    "torus": lambda rng: _torus(rng.uniform(0.25, 0.45), rng),
+    "capsule": lambda rng: trimesh.creation.capsule(height=rng.uniform(0.2, 0.8), radius=rng.uniform(0.12, 0.3),
+                                                    count=[16, 16]),
 }
+
+
+def _torus(major: float, rng: np.random.Generator) -> trimesh.Trimesh:
+    # The minor radius is drawn after the major one (a fixed draw order keeps scenes reproducible).
+    return trimesh.creation.torus(major, major * rng.uniform(0.25, 0.45), major_sections=32, minor_sections=16)
 
 
 def make_primitive(kind: str, rng: np.random.Generator) -> trimesh.Trimesh:
@@ -163,9 +141,7 @@ def build_synthetic_content(job: SceneJob, options: PrepareOptions) -> SceneCont
     for attempt in range(MAX_ATTEMPTS):
         seed = job.seed if attempt == 0 else zlib.crc32(f"{job.seed}:{attempt}".encode())
         pieces = make_synthetic_scene(seed)
-        objects, norm = normalise_objects(
-            [NamedMesh(n, m, f"synthetic:{n}") for n, m in pieces], options.bound
-        )
+        objects, norm = normalise_objects([NamedMesh(n, m, f"synthetic:{n}") for n, m in pieces], options.bound)
         views = render_views(objects, options)
         if label_counts(views, len(objects))[:, 1:].min() >= need:
             source = {"kind": "synthetic", "seed": seed, "attempt": attempt}
@@ -179,47 +155,3 @@ def synthetic_jobs(num_scenes: int, seed: int = 0, start: int = 0) -> list[Scene
         SceneJob(f"synthetic_{i:05d}", "synthetic", seed=scene_seed(seed, i))
         for i in range(start, start + num_scenes)
     ]
-
-
-def write_synthetic_dataset(
-    output_dir: str | Path,
-    num_scenes: int,
-    seed: int = 0,
-    image_size: int = 512,
-    num_samples: int = 20480,
-    views: int = 1,
-    workers: int = 1,
-    surface_format: str = "npy",
-    val_fraction: float = 0.1,
-    camera: Camera | None = None,
-    background: Colour = (1.0, 1.0, 1.0),
-    progress: bool = False,
-) -> PrepareReport:
-    """Writes ``num_scenes`` synthetic scenes straight into the prepared layout.
-
-    Resumable like any prepare run: scenes already finished in ``output_dir`` are kept.
-
-    Args:
-        output_dir: Dataset root.
-        num_scenes: Number of scenes.
-        seed: Run seed (scene i uses :func:`scene_seed`).
-        image_size: Side of the rendered images.
-        num_samples: Surface samples per object.
-        views: Rendered views per scene.
-        workers: Worker processes.
-        surface_format: ``"npy"`` or ``"npz"``.
-        val_fraction: Fraction of val scenes.
-        camera: Camera of the first view (default elevation 30, azimuth 45, fov 40, fitted distance).
-        background: Background colour.
-        progress: Show a progress bar.
-
-    Returns:
-        The :class:`midi.data.prepare.PrepareReport`.
-    """
-    options = PrepareOptions(
-        num_samples=num_samples, image_size=image_size, surface_format=surface_format, views=views,
-        camera=camera or Camera(), background=background, seed=seed, val_fraction=val_fraction,
-    )
-    return run_jobs(
-        Path(output_dir), synthetic_jobs(num_scenes, seed), options, workers=workers, progress=progress
-    )

@@ -1,4 +1,4 @@
-"""``--generate``: the predictions of a split, made by :mod:`midi.inference` (resumable, sharded).
+"""``--generate``: the predictions of a split, made by :mod:`midi.inference.generation` (resumable, sharded).
 
 Each scene is generated from view ``view`` (its image and id map, the id map reduced to the
 instances that are scored, see :mod:`midi.evaluation.predictions`), with the same seed for every
@@ -22,28 +22,17 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 import midi
+from midi.config import check_model_path
 from midi.data.atomic import write_json, write_text
 from midi.data.dataset import DEFAULT_MIN_MASK_FRACTION, SceneRecord, instance_masks, load_view
-from midi.data.errors import DataError
 from midi.data.images import labels_to_image, save_png
 from midi.data.layout import read_json
+from midi.errors import AdapterError, DataError, InputError, OutOfMemory, OutputError, one_line
 from midi.evaluation.predictions import ERROR_SUFFIX, SCENE_SUFFIXES, EvalError
-from midi.extraction import ExtractionConfig
-from midi.inference import (
-    GenerationOptions,
-    InputError,
-    InputOptions,
-    ModelOptions,
-    OutOfMemory,
-    OutputError,
-    build_pipeline,
-    check_model_path,
-    one_line,
-    prepare_scene,
-    run_scene,
-    save_outputs,
-)
-from midi.loaders.custom_adapter import AdapterError
+from midi.inference.export import save_outputs
+from midi.inference.extraction import ExtractionConfig
+from midi.inference.generation import GenerationOptions, ModelOptions, build_pipeline, run_scene
+from midi.inference.scene import InputOptions, prepare_scene
 from midi.lora import find_adapter_dir
 
 logger = logging.getLogger(__name__)

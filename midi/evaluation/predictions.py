@@ -22,7 +22,7 @@ import numpy as np
 import trimesh
 
 from midi.data.dataset import SceneRecord, load_scene_sample, subsample_surface
-from midi.data.errors import DataError
+from midi.errors import DataError
 
 SCENE_SUFFIXES = (".glb", ".gltf", ".obj")
 ERROR_SUFFIX = ".error.txt"  # written by --generate when a scene could not be generated

@@ -15,24 +15,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 import transformers
 from peft import LoraConfig
 from transformers import Dinov2Model
 
-from midi import errors
-from midi.config import DEFAULT_MI_BLOCKS  # noqa: F401  (old import path)
-from midi.data.atomic import atomic_write, save_safetensors
+from midi.data.atomic import atomic_write
+from midi.errors import AdapterError
+from midi.lora import load_weights, read_adapter_file, save_tensors
 from midi.models.attention_processor import MIAttnProcessor2_0
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_PREFIXES = ("transformer.", "image_encoder_1.", "image_encoder_2.")
 PATCH_PROJECTION_KEY = "embeddings.patch_embeddings.projection.weight"
-
-
-AdapterError = errors.AdapterError  # its old import path
 
 
 def expand_patch_projection(weight: torch.Tensor, num_channels: int, method: str = "clone") -> torch.Tensor:
@@ -108,22 +104,6 @@ def _state_dict_for_save(model: torch.nn.Module | None, prefix: str, include: Se
         for k, v in model.state_dict().items()
         if any(s in k for s in include) and not any(s in k for s in exclude)
     }
-
-
-def read_adapter_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Reads a safetensors file, or a pickle with ``weights_only=True``; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise AdapterError(f"{path}: adapter file not found")
-    try:
-        if path.suffix == ".safetensors":
-            return safetensors.torch.load_file(str(path), device="cpu")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt/truncated files surface as many exception types
-        raise AdapterError(f"{path}: cannot read adapter weights ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise AdapterError(f"{path}: expected a dict of tensors")
-    return state
 
 
 class CustomAdapterMixin:
@@ -215,7 +195,7 @@ class CustomAdapterMixin:
         save_directory.mkdir(parents=True, exist_ok=True)
         target = save_directory / weight_name
         if safe_serialization:
-            save_safetensors(target, state, {"format": "pt"})
+            save_tensors(target, state, {"format": "pt"})
         else:
             with atomic_write(target, "wb") as f:
                 torch.save(state, f)
@@ -249,22 +229,5 @@ class CustomAdapterMixin:
         for prefix in ADAPTER_PREFIXES:
             part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             if part:
-                self._load_part(getattr(self, prefix[:-1]), part, prefix[:-1], source, strict)
-
-    @staticmethod
-    def _load_part(model: torch.nn.Module, part: dict, name: str, source: str, strict: bool) -> None:
-        own = model.state_dict()
-        missing_targets = [k for k in part if k not in own]
-        if missing_targets and strict:
-            hint = " (call init_custom_adapter with the LoRA config the adapter was trained with first)" if any(
-                "lora" in k for k in missing_targets) else ""
-            raise AdapterError(
-                f"{source}: {len(missing_targets)} {name} key(s) match no parameter, e.g. {missing_targets[0]!r}{hint}"
-            )
-        for key, value in part.items():
-            if key in own and own[key].shape != value.shape:
-                raise AdapterError(
-                    f"{source}: {name}.{key} has shape {tuple(value.shape)} but the model expects {tuple(own[key].shape)}"
-                    " (different LoRA rank or base model?)"
-                )
-        model.load_state_dict({k: v for k, v in part.items() if k in own}, strict=False)
+                load_weights(getattr(self, prefix[:-1]), part, name=prefix[:-1], source=source, peft=False,
+                             strict=strict)

@@ -3,7 +3,7 @@
 ``model_index.json`` names the custom classes by module path; rather than letting diffusers
 resolve those strings, each sub-folder is loaded with the class this toolkit uses for that
 component, after checking that every weight file has exactly the keys and shapes the config
-implies. Any problem is one :class:`PipelineLoadError` naming the component, key and shapes.
+implies. Any problem is one :class:`midi.errors.ModelError` naming the component, key and shapes.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 import transformers
+from huggingface_hub import snapshot_download
 from safetensors import safe_open
 
-from midi.config import DOWNLOAD_HINT
+from midi.config import DOWNLOAD_HINT, check_model_path
 from midi.errors import ModelError
 from midi.models.autoencoders.autoencoder_kl_triposg import TripoSGVAEModel
 from midi.models.transformers.triposg_transformer import TripoSGDiTModel
@@ -37,39 +38,37 @@ TRANSFORMERS_ALLOWED = {
 }
 
 
-PipelineLoadError = ModelError  # its old name (tests and the README name it)
-
-
 def resolve_pipeline_folder(path: str | Path) -> Path:
-    """A local folder as is; otherwise a Hub repo id already in the local cache (no download)."""
-    folder = Path(path)
+    """A local folder as is; otherwise a Hub repo id already in the local cache (no download).
+
+    Raises:
+        ModelError: neither; the message is :func:`midi.config.check_model_path`'s (how to download).
+    """
+    folder = Path(path).expanduser()
     if folder.is_dir():
         return folder
     try:
-        from huggingface_hub import snapshot_download
-
         return Path(snapshot_download(str(path), local_files_only=True))
-    except Exception:
-        raise PipelineLoadError(
-            f"{path}: not a folder, and not a Hub repo id in the local cache (download it first, e.g. "
-            f"`{DOWNLOAD_HINT}`)"
-        ) from None
+    except Exception:  # huggingface_hub raises several types for a repo that is not cached
+        check_model_path(path)  # raises for anything but a cached repo id (whose snapshot is then broken)
+        raise ModelError(f"the cached Hub snapshot is incomplete; download it again with `{DOWNLOAD_HINT}`",
+                         path=path) from None
 
 
 def read_model_index(folder: Path) -> dict[str, Any]:
     index_file = folder / "model_index.json"
     if not index_file.is_file():
-        raise PipelineLoadError(f"{folder}: no model_index.json (is this a MIDI-3D pipeline folder?)")
+        raise ModelError(f"{folder}: no model_index.json (is this a MIDI-3D pipeline folder?)")
     try:
         index = json.loads(index_file.read_text())
     except json.JSONDecodeError as exc:
-        raise PipelineLoadError(f"{index_file}: invalid JSON ({exc})") from None
+        raise ModelError(f"{index_file}: invalid JSON ({exc})") from None
     missing = [c for c in COMPONENTS if c not in index]
     if missing:
-        raise PipelineLoadError(f"{index_file}: component(s) {missing} missing; a MIDI pipeline has {list(COMPONENTS)}")
+        raise ModelError(f"{index_file}: component(s) {missing} missing; a MIDI pipeline has {list(COMPONENTS)}")
     for name in COMPONENTS:
         if not (folder / name).is_dir():
-            raise PipelineLoadError(f"{folder}: component '{name}' is listed in model_index.json but {name}/ is missing")
+            raise ModelError(f"{folder}: component '{name}' is listed in model_index.json but {name}/ is missing")
     return index
 
 
@@ -84,7 +83,7 @@ def _weight_shapes(folder: Path) -> tuple[dict[str, tuple[int, ...]], Path] | No
                 for key in f.keys():
                     shapes[key] = tuple(f.get_slice(key).get_shape())
         except Exception as exc:
-            raise PipelineLoadError(f"{file}: unreadable safetensors file ({exc})") from None
+            raise ModelError(f"{file}: unreadable safetensors file ({exc})") from None
     return shapes, files[0]
 
 
@@ -92,7 +91,7 @@ def build_on_meta(name: str, model_cls: type, folder: Path) -> torch.nn.Module:
     """``model_cls`` built from the component folder's ``config.json`` on the meta device (no weights)."""
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise PipelineLoadError(f"{folder}: component '{name}' has no config.json")
+        raise ModelError(f"{folder}: component '{name}' has no config.json")
     try:
         with torch.device("meta"):
             if hasattr(model_cls, "config_class") and model_cls.config_class is not None:  # transformers
@@ -100,20 +99,20 @@ def build_on_meta(name: str, model_cls: type, folder: Path) -> torch.nn.Module:
             config = {k: v for k, v in json.loads(config_file.read_text()).items() if not k.startswith("_")}
             return model_cls.from_config(config)
     except (TypeError, ValueError, json.JSONDecodeError) as exc:
-        raise PipelineLoadError(f"{config_file}: config does not fit {model_cls.__name__} ({exc})") from None
+        raise ModelError(f"{config_file}: config does not fit {model_cls.__name__} ({exc})") from None
 
 
 def check_weights(name: str, model_cls: type, folder: Path) -> None:
     """Compares the weight files with a meta-device build of ``model_cls`` from ``config.json``.
 
     Raises:
-        PipelineLoadError: naming the component, the key and expected vs found shapes.
+        ModelError: naming the component, the key and expected vs found shapes.
     """
     model = build_on_meta(name, model_cls, folder)
     found = _weight_shapes(folder)
     if found is None:
         if not any(folder.glob("*.bin")):
-            raise PipelineLoadError(f"{folder}: component '{name}' has no weight file (*.safetensors)")
+            raise ModelError(f"{folder}: component '{name}' has no weight file (*.safetensors)")
         return  # legacy pickle weights: the library's own loading reports problems
     shapes, file = found
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -121,13 +120,13 @@ def check_weights(name: str, model_cls: type, folder: Path) -> None:
     unexpected = [k for k in shapes if k not in expected]
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise PipelineLoadError(
+        raise ModelError(
             f"{file}: component '{name}' keys do not match {model_cls.__name__}(config.json): "
             f"{len(missing)} missing, {len(unexpected)} unexpected, e.g. {detail}"
         )
     for key, shape in expected.items():
         if shapes[key] != shape:
-            raise PipelineLoadError(
+            raise ModelError(
                 f"{file}: component '{name}' key {key!r} expected shape {shape} (from config.json), found {shapes[key]}"
             )
 
@@ -135,7 +134,7 @@ def check_weights(name: str, model_cls: type, folder: Path) -> None:
 def _load_transformers_component(name: str, library: str, class_name: str, folder: Path, dtype) -> Any:
     allowed = TRANSFORMERS_ALLOWED[name]
     if library != "transformers" or class_name not in allowed:
-        raise PipelineLoadError(
+        raise ModelError(
             f"model_index.json: component '{name}' is [{library!r}, {class_name!r}]; expected transformers {allowed[0]}"
         )
     if name.startswith("feature_extractor"):
@@ -145,23 +144,23 @@ def _load_transformers_component(name: str, library: str, class_name: str, folde
         return cls.from_pretrained(str(folder))
     cls = getattr(transformers, allowed[0])
     if not (folder / "config.json").is_file():
-        raise PipelineLoadError(f"{folder}: component '{name}' has no config.json")
+        raise ModelError(f"{folder}: component '{name}' has no config.json")
     try:
         # Mismatches are collected (not raised) so the error below can name key and shapes.
         model, info = cls.from_pretrained(
             str(folder), dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
         )
     except (OSError, RuntimeError, ValueError) as exc:
-        raise PipelineLoadError(f"{folder}: component '{name}' failed to load ({str(exc).splitlines()[0]})") from None
+        raise ModelError(f"{folder}: component '{name}' failed to load ({str(exc).splitlines()[0]})") from None
     for key, ckpt_shape, model_shape in sorted(info.get("mismatched_keys") or []):
-        raise PipelineLoadError(
+        raise ModelError(
             f"{folder}: component '{name}' key {key!r} expected shape {tuple(model_shape)} (from config.json), "
             f"found {tuple(ckpt_shape)}"
         )
     for kind in ("missing_keys", "unexpected_keys"):
         if info.get(kind):
             keys = sorted(info[kind])
-            raise PipelineLoadError(f"{folder}: component '{name}' weights do not fit its config: {len(keys)} {kind}, e.g. {keys[:3]}")
+            raise ModelError(f"{folder}: component '{name}' weights do not fit its config: {len(keys)} {kind}, e.g. {keys[:3]}")
     return model.eval()
 
 
@@ -170,7 +169,7 @@ def component_dtype(torch_dtype: torch.dtype | dict[str, torch.dtype] | None, na
     if isinstance(torch_dtype, dict):
         unknown = set(torch_dtype) - set(COMPONENTS) - {"default"}
         if unknown:
-            raise PipelineLoadError(f"torch_dtype names unknown component(s) {sorted(unknown)}; use {list(COMPONENTS)} or 'default'")
+            raise ModelError(f"torch_dtype names unknown component(s) {sorted(unknown)}; use {list(COMPONENTS)} or 'default'")
         return torch_dtype.get(name, torch_dtype.get("default"))
     return torch_dtype
 
@@ -190,7 +189,7 @@ def load_components(
         Keyword arguments for ``MIDIPipeline(...)``.
 
     Raises:
-        PipelineLoadError: missing component, unknown class, wrong keys or shapes.
+        ModelError: missing component, unknown class, wrong keys or shapes.
     """
     folder = resolve_pipeline_folder(path)
     index = read_model_index(folder)
@@ -198,7 +197,7 @@ def load_components(
     for name in COMPONENTS:
         entry = index[name]
         if not (isinstance(entry, list | tuple) and len(entry) == 2):
-            raise PipelineLoadError(f"model_index.json: component '{name}' must be [library, class], got {entry!r}")
+            raise ModelError(f"model_index.json: component '{name}' must be [library, class], got {entry!r}")
         library, class_name = entry
         sub = folder / name
         if name in CUSTOM_CLASSES:

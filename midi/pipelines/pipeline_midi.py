@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,8 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from midi.data.atomic import write_json
 from midi.loaders.custom_adapter import CustomAdapterMixin
-from midi.mesh import DEFAULT_BBOX_MAX, DEFAULT_BBOX_MIN, generate_dense_grid_points
 from midi.models.attention_processor import MIAttnProcessor2_0
 from midi.models.autoencoders.autoencoder_kl_triposg import TripoSGVAEModel
 from midi.models.transformers.triposg_transformer import TripoSGDiTModel
@@ -32,6 +31,21 @@ from midi.pipelines.loading import load_components
 from midi.schedulers.scheduling_rectified_flow import RectifiedFlowScheduler
 
 logger = logging.getLogger(__name__)
+
+# Upstream's grid box: [-1.005, 1.005]^3, flattened with x slowest.
+DEFAULT_BBOX_MIN = np.array([-1.005, -1.005, -1.005])
+DEFAULT_BBOX_MAX = np.array([1.005, 1.005, 1.005])
+
+
+def generate_dense_grid_points(
+    bbox_min: np.ndarray, bbox_max: np.ndarray, octree_depth: int, indexing: str = "ij"
+) -> tuple[np.ndarray, list[int], np.ndarray]:
+    """Grid points ``((2^d + 1)^3, 3)`` float32, the grid size per axis and the bbox extent."""
+    bbox_min, bbox_max = np.asarray(bbox_min), np.asarray(bbox_max)
+    n = int(2**octree_depth) + 1
+    axes = [np.linspace(bbox_min[i], bbox_max[i], n, dtype=np.float32) for i in range(3)]
+    xyz = np.stack(np.meshgrid(*axes, indexing=indexing), axis=-1).reshape(-1, 3)
+    return xyz, [n, n, n], bbox_max - bbox_min
 
 
 @dataclass
@@ -95,7 +109,7 @@ class MIDIPipeline(DiffusionPipeline, CustomAdapterMixin):
                 ``"default"``, e.g. ``{"vae": torch.float32, "default": torch.bfloat16}``.
 
         Raises:
-            midi.pipelines.loading.PipelineLoadError: with the component, key and shapes at fault.
+            midi.errors.ModelError: with the component, key and shapes at fault.
         """
         unknown = set(kwargs) - {"local_files_only", "use_safetensors", "low_cpu_mem_usage"}
         if unknown:
@@ -111,9 +125,7 @@ class MIDIPipeline(DiffusionPipeline, CustomAdapterMixin):
         for name in ("feature_extractor_1", "feature_extractor_2"):
             library, class_name = index[name]
             index[name] = [library, class_name.removesuffix("Pil").removesuffix("Fast")]
-        tmp = index_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, index_file)
+        write_json(index_file, index)  # diffusers wrote the keys sorted; json keeps that order
 
     # ----------------------------------------------------------------------------- properties
     @property

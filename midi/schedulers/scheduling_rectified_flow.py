@@ -79,18 +79,10 @@ class RectifiedFlowScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = sigmas
         self.num_inference_steps: int | None = None
         self._step_index: int | None = None
-        self._begin_index: int | None = None
 
     @property
     def step_index(self) -> int | None:
         return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        self._begin_index = begin_index
 
     def time_shift(self, sigmas):
         """Static shift (identity for ``shift = 1``)."""
@@ -143,7 +135,6 @@ class RectifiedFlowScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = sigma_t * T
         self.sigmas = torch.cat([sigma_t, torch.zeros(1, device=sigma_t.device)])
         self._step_index = None
-        self._begin_index = None
 
     def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
         schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
@@ -151,14 +142,6 @@ class RectifiedFlowScheduler(SchedulerMixin, ConfigMixin):
         if len(indices) == 0:
             raise ValueError(f"timestep {float(timestep)} is not in the schedule; pass one of scheduler.timesteps")
         return indices[1 if len(indices) > 1 else 0].item()
-
-    def _init_step_index(self, timestep) -> None:
-        if self._begin_index is None:
-            if isinstance(timestep, torch.Tensor):
-                timestep = timestep.to(self.timesteps.device)
-            self._step_index = self.index_for_timestep(timestep)
-        else:
-            self._step_index = self._begin_index
 
     def step(
         self,
@@ -174,8 +157,10 @@ class RectifiedFlowScheduler(SchedulerMixin, ConfigMixin):
             isinstance(timestep, torch.Tensor) and not torch.is_floating_point(timestep)
         ):
             raise ValueError("pass one of scheduler.timesteps (a float), not an integer index")
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        if self._step_index is None:  # the first step: find where the caller's schedule starts
+            if isinstance(timestep, torch.Tensor):
+                timestep = timestep.to(self.timesteps.device)
+            self._step_index = self.index_for_timestep(timestep)
         sigma = self.sigmas[self._step_index]
         sigma_next = self.sigmas[self._step_index + 1]
         prev = (sample.to(torch.float32) + (sigma - sigma_next) * model_output).to(model_output.dtype)

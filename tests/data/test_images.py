@@ -18,7 +18,7 @@ from midi.data.images import (
     upstream_padding,
 )
 from midi.errors import DataError, InputError
-from midi.inference import InputOptions, prepare_scene, split_instances
+from midi.inference.scene import InputOptions, prepare_scene
 
 
 def layout() -> np.ndarray:
@@ -52,7 +52,7 @@ def test_parity_data_tools_and_inference_give_the_same_instances_in_the_same_ord
     data_masks = [data_labels == v for v in np.unique(data_labels) if v != 0]
     # Inference's scene reader, through to the per-instance masks the pipeline gets.
     scene = prepare_scene(rgb, seg, InputOptions(), log_notes=False)
-    _, masks, _ = split_instances(scene)
+    _, masks, _ = scene.conditions()
     inference_masks = [np.asarray(m) == 255 for m in masks]
     for found in (data_masks, inference_masks):
         assert len(found) == 3 and all(np.array_equal(a, b) for a, b in zip(found, expected))

@@ -201,9 +201,6 @@ class TripoSGVAEModel(ModelMixin, ConfigMixin):
         self.use_slicing = True
         self.slicing_length = slicing_length
 
-    def disable_slicing(self) -> None:
-        self.use_slicing = False
-
     def _point_features(self, x: torch.Tensor) -> torch.Tensor:
         pos_channels = self.config.in_channels
         return torch.cat([self.embedder(x[..., :pos_channels]), x[..., pos_channels:]], dim=-1)

@@ -186,10 +186,6 @@ class TripoSGDiTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             for module in modules.values():
                 module.set_processor(processor)
 
-    def set_default_attn_processor(self) -> None:
-        """Restores :class:`TripoSGAttnProcessor2_0` everywhere (drops multi-instance attention)."""
-        self.set_attn_processor(TripoSGAttnProcessor2_0())
-
     def forward(
         self,
         hidden_states: torch.Tensor,

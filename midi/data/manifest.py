@@ -1,0 +1,117 @@
+"""Rewriting the manifest of a "midi-scenes" dataset at the end of a prepare run, and resuming.
+
+``manifest.json`` is rewritten last by every prepare run, atomically. It lists every finished
+scene of the folder (``id``, ``objects``, ``views``), the splits, the split settings, and the
+settings all its scenes share; scenes of earlier runs keep their split. The reading side (format
+and entry checks) is :func:`midi.data.dataset.read_manifest`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from midi.data import layout
+from midi.data.atomic import write_json
+from midi.data.jobs import PrepareOptions
+from midi.errors import DataError, UsageError
+
+# Settings all scenes of a dataset share: in the manifest (this order) and compared on resume. A
+# scene record holds all but bound (inside its normalization) and views (there: its list of views).
+SCENE_SETTINGS = ("num_surface_points", "image_size", "surface_format", "background", "seed")
+
+
+def settings(options: PrepareOptions) -> dict[str, Any]:
+    """The shared settings of a run, as the manifest records them."""
+    return {"num_surface_points": options.num_samples, "image_size": options.image_size,
+            "surface_format": options.surface_format, "background": list(options.background),
+            "bound": options.bound, "views": options.views, "seed": options.seed}
+
+
+def finished_scenes(output_dir: Path) -> dict[str, dict[str, Any]]:
+    """Reads the ``scene.json`` of every finished scene (sorted by id).
+
+    Unreadable records are ignored here (the check reports them).
+    """
+    scenes = Path(output_dir) / layout.SCENES_DIR
+    out: dict[str, dict[str, Any]] = {}
+    for folder in sorted(scenes.iterdir()) if scenes.is_dir() else ():
+        if layout.is_tmp_name(folder.name) or not layout.is_finished(folder):
+            continue
+        try:
+            out[folder.name] = layout.read_json(folder / layout.SCENE_JSON)
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def read_old_manifest(output_dir: Path) -> dict[str, Any] | None:
+    """Reads the manifest of an earlier run (None when there is none), of any format.
+
+    Raises:
+        DataError: ``"<file>: <problem>"`` when it is unreadable or not a JSON object.
+    """
+    path = Path(output_dir) / layout.MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = layout.read_json(path)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise DataError(f"{path}: corrupt manifest ({exc}); delete it to rebuild it from the scenes") from exc
+    return data
+
+
+def check_resume_settings(output_dir: Path, options: PrepareOptions) -> None:
+    """Refuses to mix scenes prepared with other settings.
+
+    Compared: sample count, image size, surface format, background, normalisation bound (margin),
+    and, where recorded, rendered views and seed. Without a manifest, a finished scene's record
+    stands in for it.
+
+    Raises:
+        UsageError: Naming the setting, the old and the new value.
+        DataError: The existing manifest is corrupt.
+    """
+    old = read_old_manifest(output_dir)
+    if old is None:
+        record = next(iter(finished_scenes(output_dir).values()), {})
+        old = {k: record[k] for k in SCENE_SETTINGS if k in record}
+        norm = record.get("normalization")
+        if isinstance(norm, dict) and "bound" in norm:
+            old["bound"] = norm["bound"]
+    for key, value in settings(options).items():
+        if key in old and not (_close(old[key], value) if key == "bound" else old[key] == value):
+            raise UsageError(
+                f"{output_dir} was prepared with {key}={old[key]}, not {value}; use the same or a new folder"
+            )
+
+
+def _close(a: object, b: float) -> bool:
+    try:
+        return abs(float(a) - b) < 1e-9  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+def write_manifest(output_dir: Path, options: PrepareOptions) -> dict[str, Any]:
+    """Writes ``manifest.json`` listing every finished scene and the splits (atomically).
+
+    Returns:
+        The manifest.
+    """
+    old = read_old_manifest(output_dir) or {}
+    records = finished_scenes(output_dir)
+    split_settings = {"val_fraction": options.val_fraction, "test_fraction": options.test_fraction,
+                      "seed": options.seed}
+    # Scenes of earlier runs keep their split; only new scenes are assigned.
+    existing = old.get("splits") if old.get("split_settings") == split_settings else None
+    scenes = [{"id": sid, "objects": [o["name"] for o in rec.get("objects", [])],
+               "views": [v["name"] for v in rec.get("views", [])]} for sid, rec in records.items()]
+    splits = layout.assign_splits(list(records), options.val_fraction, options.test_fraction, options.seed,
+                                  existing=existing)
+    manifest = {"format": layout.FORMAT, "version": layout.VERSION, **settings(options), "scenes": scenes,
+                "splits": splits, "split_settings": split_settings}
+    write_json(Path(output_dir) / layout.MANIFEST, manifest)
+    return manifest
