@@ -88,13 +88,12 @@ def main() -> None:
     run(infer + ["--rgb_image", REAL_PAIR[0], "--seg_image", REAL_PAIR[1], "--output", str(scenes / "cartoon-00.glb")], log)
 
     print(f"\nDone in {time.perf_counter() - started:.0f} s. Everything is under {out}:")
-    print(f"  training data      {data}  (check it: python prepare_data.py --check {data})")
-    print(f"  LoRA (final)       {run_dir / 'lora-final'}")
-    print(f"  checkpoints        {run_dir}/checkpoint-*")
-    print(f"  TensorBoard logs   tensorboard --logdir {run_dir}")
-    for glb in sorted(scenes.glob("*.glb")):
-        print(f"  scene              {glb}  (preview {glb.with_suffix('.png')})")
-    print(f"  full log           {log}")
+    rows = [("training data", f"{data}  (check it: python prepare_data.py --check {data})"),
+            ("LoRA (final)", run_dir / "lora-final"), ("checkpoints", f"{run_dir}/checkpoint-*"),
+            ("TensorBoard logs", f"tensorboard --logdir {run_dir}"),
+            *(("scene", f"{glb}  (preview {glb.with_suffix('.png')})") for glb in sorted(scenes.glob("*.glb"))),
+            ("full log", log)]
+    print("\n".join(f"  {what:<18} {where}" for what, where in rows))
     print("Next: TRAINING_README.md explains real training on the MIDI-3D weights.")
 
 

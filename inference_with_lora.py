@@ -36,13 +36,7 @@ from pathlib import Path
 from midi.config import DEFAULT_MODEL_DIR, check_model_path, is_tiny
 from midi.errors import InputError, OutOfMemory, one_line, run_cli
 from midi.inference.export import MESH_FORMATS, output_format, save_outputs, summary_line
-from midi.inference.scene import (
-    DEFAULT_MAX_INSTANCES,
-    InputOptions,
-    find_pairs,
-    prepare_scene,
-    read_label_names,
-)
+from midi.inference.scene import InputOptions, find_pairs, prepare_scene, read_label_names
 
 logger = logging.getLogger("inference_with_lora")
 TINY_OCTREE_DEPTH = 6  # the tiny model's surfaces are coarse: depth 8 takes minutes and writes ~100 MB
@@ -73,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     seg.add_argument("--min_instance_pixels", type=int, default=None,
                      help="RGB maps: colours with fewer pixels are anti-aliased fringe and ignored; "
                           "None = 0.1%% of the image area")
-    seg.add_argument("--max_instances", type=int, default=DEFAULT_MAX_INSTANCES, help="refuse maps with more instances")
+    seg.add_argument("--max_instances", type=int, default=InputOptions.max_instances, help="refuse maps with more instances")
     seg.add_argument("--label_names", type=Path, help='JSON {"<label>": "name"} for the node names')
     seg.add_argument("--do_image_padding", action="store_true", help="upstream's padding around the instances")
 
@@ -124,10 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> list[tuple[str, Path, Path, Path]]:
     """Validates options and files without the model; returns ``(name, rgb, seg, output)`` jobs.
-
-    Raises:
-        InputError: the first problem found.
-    """
+    Raises InputError for the first problem found."""
     single = args.rgb_image is not None or args.seg_image is not None or args.output is not None
     if single == (args.input_dir is not None):
         raise InputError("give either --rgb_image/--seg_image/--output or --input_dir/--output_dir")
@@ -168,7 +159,6 @@ def check_args(args: argparse.Namespace) -> list[tuple[str, Path, Path, Path]]:
 
 
 def input_options(args: argparse.Namespace) -> InputOptions:
-    """The :class:`InputOptions` of the command line."""
     return InputOptions(args.instance_order, args.do_image_padding, args.max_instances, args.min_instance_pixels,
                         args.label_names, args.rgba)
 
@@ -181,20 +171,12 @@ def extraction_settings(args: argparse.Namespace) -> dict:
                 decode_progressive=args.decode_progressive)
 
 
-def out_of_memory_message(name: str, stage: str, args: argparse.Namespace) -> str:
-    """The one-line advice printed when a scene runs out of memory."""
-    return (f"{name}: out of memory during {stage}; try --num_chunks {max(1, args.num_chunks // 2)} or smaller, "
-            "--extraction coarse_to_fine or a lower --octree_depth")
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Runs the command line; returns 0, or 1 when some scene had no surface or ran out of memory
-    (``run_cli(main)`` turns the errors below into ``error:`` lines and exit codes).
+    """Runs the command line; returns 0, or 1 when some scene had no surface or ran out of memory.
 
-    Raises:
-        InputError: bad options or input files (before the model is loaded), or a model/LoRA that
-            cannot be loaded.
-        OutputError: a scene's files could not be written (batch mode stops there).
+    Raises (``run_cli(main)`` turns them into ``error:`` lines and exit codes): InputError for bad
+    options or input files (before the model loads) or a model/LoRA that cannot be loaded; OutputError
+    when a scene's files could not be written (batch mode stops there).
     """
     args = parse_args(argv)
     if not logging.getLogger().handlers:
@@ -218,16 +200,16 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("%s: %d instances (%s)", name, len(scene.names), ", ".join(scene.names))
             result = generation.run_scene(loaded, scene, options)
             save_outputs(result, output, args.save_instances, not args.no_preview, args.preview_size)
-        except InputError as exc:  # e.g. no instance had a surface; the other scenes go on
-            print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        except (InputError, OutOfMemory) as exc:  # e.g. no surface, or out of memory (the next may be smaller)
+            message = str(exc)  # this scene is lost; the other scenes go on
+            if isinstance(exc, OutOfMemory):
+                generation.free_device_memory()
+                message = (f"{name}: out of memory during {exc.stage}; try --num_chunks {max(1, args.num_chunks // 2)} "
+                           "or smaller, --extraction coarse_to_fine or a lower --octree_depth")
+            print(f"error: {one_line(message)}", file=sys.stderr)
             status = 1
-            continue
-        except OutOfMemory as exc:  # this scene is lost, the next may be smaller
-            generation.free_device_memory()
-            print(f"error: {one_line(out_of_memory_message(name, exc.stage, args))}", file=sys.stderr)
-            status = 1
-            continue
-        logger.info("%s", summary_line(result, output))
+        else:
+            logger.info("%s", summary_line(result, output))
     return status
 
 

@@ -344,10 +344,6 @@ def load_adapter(pipe, adapter: LoadedAdapter | str | os.PathLike, mi_blocks: Se
     return adapter
 
 
-def apply_lora(pipe, adapter: LoadedAdapter, mi_blocks: Sequence[str] | None) -> None:
-    """Old name of :func:`load_adapter` (until the inference and training packages are ported)."""
-    load_adapter(pipe, adapter, mi_blocks)
-
 
 def merge_lora(pipe, scale: float = 1.0) -> int:
     """Folds every LoRA delta (times ``scale``) into its base weight; returns the layers merged."""

@@ -35,6 +35,12 @@ class Candidate:
     def label(self) -> str:
         return f"batch {self.batch_size}, rank {self.rank}, checkpointing {'on' if self.gradient_checkpointing else 'off'}"
 
+    def overrides(self, alpha_ratio: float) -> list[str]:
+        """The ``train_lora.py`` flags of this setting; alpha keeps the base config's alpha / rank ratio."""
+        return ["--train.batch_size", str(self.batch_size), "--lora.rank", str(self.rank), "--lora.alpha",
+                repr(float(self.rank * alpha_ratio)), "--model.gradient_checkpointing",
+                str(self.gradient_checkpointing).lower()]
+
 
 # Largest first: what each step gives up costs more the later it comes (speed, then batch, then capacity).
 DEFAULT_LADDER = (Candidate(4, 16, False), Candidate(4, 16, True), Candidate(2, 16, True), Candidate(1, 16, True),
@@ -69,10 +75,8 @@ def read_report(returncode: int, report_path: Path, output: str = "") -> Measure
     try:
         report = json.loads(Path(report_path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        report = None
-    if not isinstance(report, dict):
         report = {}
-    tail = "\n".join(output.strip().splitlines()[-15:])
+    report, tail = report if isinstance(report, dict) else {}, "\n".join(output.strip().splitlines()[-15:])
     if report.get("status") == "oom" or returncode in KILLED:
         return Measurement("oom", detail=tail)
     if returncode != 0:
@@ -89,10 +93,7 @@ def dry_run_command(config: str | Path, c: Candidate, alpha_ratio: float, out_di
     """The ``train_lora.py --dry_run`` command measuring ``c``; its report goes to ``out_dir/dry_run.json``."""
     return [sys.executable, str(REPO_ROOT / "train_lora.py"), "--config", str(config), "--dry_run",
             "--dry_run_json", str(Path(out_dir) / DRY_RUN_JSON), "--train.output_dir", str(out_dir),
-            "--train.batch_size", str(c.batch_size), "--lora.rank", str(c.rank),
-            "--lora.alpha", repr(float(c.rank * alpha_ratio)),
-            "--model.gradient_checkpointing", "true" if c.gradient_checkpointing else "false",
-            "--logging.progress_bar", "false"]
+            *c.overrides(alpha_ratio), "--logging.progress_bar", "false"]
 
 
 def subprocess_measure(config: str | Path, env: dict[str, str], alpha_ratio: float = 1.0,
@@ -120,12 +121,10 @@ def plan_settings(candidates: Sequence[Candidate], measure: Callable[[Candidate]
     Raises:
         TrainingError: a dry run failed for another reason than memory (its output tail is included).
     """
-    limit = budget_gib * (1.0 - headroom)
-    rows: list[tuple[Candidate, Measurement]] = []
+    limit, rows = budget_gib * (1.0 - headroom), []
     for c in candidates:
         progress(f"  measuring {c.label} (train_lora.py --dry_run) ...")
-        m = measure(c)
-        rows.append((c, m))
+        rows.append((c, m := measure(c)))
         if m.status == "failed":
             raise TrainingError(f"the dry run of {c.label} failed:", problems=m.detail.splitlines())
         if m.status == "unread":
@@ -142,13 +141,11 @@ def format_plan(plan: Plan) -> str:
     lines = [f"  {'setting':<{width}}  {'peak memory':>12}  {'step time':>9}  fits in {plan.limit_gib:.1f} GiB "
              f"(budget {plan.budget_gib:g} GB - {1 - plan.limit_gib / plan.budget_gib:.0%} headroom)"]
     for c, m in plan.rows:
-        if m.status == "ok":
-            peak, step, fits = f"{m.peak_gib:.2f} GiB", f"{m.step_seconds:.3f} s", m.peak_gib <= plan.limit_gib
-            fits = "yes" if fits else "no"
-        else:
-            peak, step, fits = "out of memory" if m.status == "oom" else m.status, "-", "no"
+        ok = m.status == "ok"
+        peak = f"{m.peak_gib:.2f} GiB" if ok else "out of memory" if m.status == "oom" else m.status
+        fits = "yes" if ok and m.peak_gib <= plan.limit_gib else "no"
         mark = "  <- chosen" if c == plan.chosen and plan.fits else ""
-        lines.append(f"  {c.label:<{width}}  {peak:>12}  {step:>9}  {fits}{mark}")
+        lines.append(f"  {c.label:<{width}}  {peak:>12}  {f'{m.step_seconds:.3f} s' if ok else '-':>9}  {fits}{mark}")
     if plan.chosen is not None and not plan.fits:
         lines.append(f"  nothing fits; the smallest setting ({plan.chosen.label}) is over the budget")
     return "\n".join(lines)

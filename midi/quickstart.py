@@ -68,10 +68,10 @@ class Asker:
     def __call__(self, question: str, default: str, check: Callable[[str], object] = str, given: str | None = None,
                  shown: str | None = None):
         prompt = f"{question} [{default if shown is None else shown}]: "
+        if given is not None or self.yes:
+            print(prompt + (answer := default if given is None else given))
+            return check(answer)
         while True:
-            if given is not None or self.yes:
-                print(prompt + (default if given is None else given))
-                return check(default if given is None else given)
             try:
                 answer = self.read(prompt).strip() or default
             except EOFError:
@@ -112,10 +112,8 @@ def positive_gb(answer: str) -> float:
 
 # ----------------------------------------------------------------------------- checks
 def doctor(requirements: Path = REPO_ROOT / "requirements.txt", disk: Path = REPO_ROOT) -> bool:
-    """Prints the environment report: Python, pinned packages, torch/CUDA, GPUs, RAM, disk.
-
-    Returns False when Python is too old or a required package is missing (the rest only warns).
-    """
+    """Prints the environment report (Python, pinned packages, torch/CUDA, GPUs, RAM, disk); False when
+    Python is too old or a required package is missing (the rest only warns)."""
     ok = sys.version_info >= (3, 10)
     print(f"  [{' ok ' if ok else 'FAIL'}] Python {platform.python_version()} ({sys.executable})"
           + ("" if ok else ": needs >= 3.10"))
@@ -133,8 +131,7 @@ def doctor(requirements: Path = REPO_ROOT / "requirements.txt", disk: Path = REP
         elif got is None or got.split("+")[0] != wanted:
             print(f"  [warn] {name}: {got or 'not installed'}, requirements.txt pins {wanted}")
     print(f"  [ ok ] torch {torch.__version__} ({f'CUDA {torch.version.cuda}' if torch.version.cuda else 'CPU-only build'})")
-    for i in range(torch.cuda.device_count()):
-        props = torch.cuda.get_device_properties(i)
+    for i, props in enumerate(map(torch.cuda.get_device_properties, range(torch.cuda.device_count()))):
         print(f"  [ ok ] GPU {i}: {props.name}, {props.total_memory / 2**30:.1f} GiB")
     if not torch.cuda.device_count():
         print("  [warn] nvidia-smi is installed but torch sees no GPU: install a CUDA build of torch (README.md)"
@@ -180,8 +177,7 @@ def data_kind(root: Path) -> str:
     """``midi-scenes`` or ``3d-front`` (training data as it is), ``raw`` (meshes for prepare_data.py)."""
     if not root.is_dir():
         raise InputError(f"{root}: no such folder")
-    kind = layout.detect_layout(root)
-    if kind is not None:
+    if (kind := layout.detect_layout(root)) is not None:
         return kind
     if any(p.suffix.lower() in MESH_SUFFIXES and p.is_file() for glob in ("*", "*/*") for p in root.glob(glob)):
         return "raw"
@@ -208,8 +204,7 @@ class Wizard:
         self.args, self.ask = args, ask
         self.runs_dir = Path(os.path.abspath(args.runs_dir))
         self.created: list[Path] = []
-        self.command = ""
-        self.training = False
+        self.command, self.training = "", False
 
     def run(self) -> None:
         print("MIDI-3D LoRA quickstart: sets up a finetuning run in 7 steps.\nEvery question shows its default in "
@@ -245,10 +240,9 @@ class Wizard:
         self.name = self.ask(f"Run name (its folder: {rel(self.runs_dir)}/<name>)", suggest_name(self.runs_dir, self.tiny),
                              lambda n: check_name(n, self.runs_dir), self.args.name)
         missing = [p for p in (self.runs_dir, *self.runs_dir.parents) if not p.exists()]
-        self.run_dir = self.runs_dir / self.name
+        self.run_dir, self.config_path = self.runs_dir / self.name, self.runs_dir / self.name / "config.yaml"
         self.run_dir.mkdir(parents=True)
-        self.created += [missing[-1], self.run_dir] if missing else [self.run_dir]
-        self.config_path = self.run_dir / "config.yaml"
+        self.created += [*missing[-1:], self.run_dir]
         print(f"run folder: {self.run_dir} (removed again if the wizard stops before the end)")
 
     def python(self, *argv: object) -> int:
@@ -293,8 +287,7 @@ class Wizard:
 
     def check_data(self, root: Path) -> Path:
         report = self.run_dir / "data-check"
-        rc = self.python("prepare_data.py", "--check", root, "--report_dir", report)
-        if rc == 0:
+        if (rc := self.python("prepare_data.py", "--check", root, "--report_dir", report)) == 0:
             print(f"data check passed (contact sheet of the scenes: {report / 'contact_sheet.png'})")
             return root
         if rc == 1 and self.ask.yes_no(f"The check found errors (see above and {report / 'check_report.json'}). "
@@ -313,11 +306,10 @@ class Wizard:
 
     def write_config(self, extra: list[str] = (), note: str = "") -> None:
         """Validates the run's config (paths included) and writes it atomically."""
-        overrides = ["--model.pretrained_model_name_or_path", self.model, "--data.root", str(self.data_root),
-                     "--data.synthetic_if_missing", "0", "--train.output_dir", str(self.run_dir), *extra]
-        if self.args.max_steps is not None:
-            overrides += ["--train.max_steps", self.args.max_steps]
-        cfg = load_config(self.base, overrides, environment=True)
+        steps = [] if self.args.max_steps is None else ["--train.max_steps", self.args.max_steps]
+        cfg = load_config(self.base, ["--model.pretrained_model_name_or_path", self.model, "--data.root",
+                                      str(self.data_root), "--data.synthetic_if_missing", "0", "--train.output_dir",
+                                      str(self.run_dir), *extra, *steps], environment=True)
         header = (f"# Training config written by quickstart_lora_training.sh (run {self.name}, from {rel(self.base)}"
                   f"{note}).\n# Every key carries its doc; TRAINING_README.md explains them. Check it: "
                   "python train_lora.py --config THIS --dry_run\n")
@@ -341,19 +333,15 @@ class Wizard:
         plan = memory_plan.plan_settings(memory_plan.DEFAULT_LADDER,
                                          memory_plan.subprocess_measure(self.config_path, env, ratio), budget)
         print(memory_plan.format_plan(plan))
-        c = plan.chosen
-        if c is None:
+        if (c := plan.chosen) is None:
             return
         if not plan.fits:
             print(f"No setting fits in {budget:g} GB. Options: more memory, fewer instances per scene "
                   "(data.max_num_instances) or smaller images (data.image_size) in the config.")
             if not self.ask.yes_no("Use the smallest setting anyway (it may run out of memory)?", False):
                 raise TrainingError("no setting fits the memory budget")
-        peak = dict(plan.rows)[c].peak_gib
-        self.write_config(["--train.batch_size", str(c.batch_size), "--lora.rank", str(c.rank),
-                           "--lora.alpha", repr(c.rank * ratio), "--model.gradient_checkpointing",
-                           str(c.gradient_checkpointing).lower()],
-                          f"; memory plan: {c.label}, measured peak {peak:.2f} GiB for a {budget:g} GB budget")
+        self.write_config(c.overrides(ratio), f"; memory plan: {c.label}, measured peak "
+                          f"{dict(plan.rows)[c].peak_gib:.2f} GiB for a {budget:g} GB budget")
 
     def start(self) -> None:
         self.created.clear()  # the run folder is complete: nothing is removed from here on
@@ -367,8 +355,7 @@ class Wizard:
             print("Not started; run the command above when you are ready.")
             return
         self.training = True
-        rc = subprocess.run(self.command, shell=True, cwd=REPO_ROOT).returncode
-        self.training = False
+        rc, self.training = subprocess.run(self.command, shell=True, cwd=REPO_ROOT).returncode, False
         if rc:
             raise TrainingError(f"training stopped with exit code {rc} (see above); continue it with: "
                                 f"{self.command} --resume_from_checkpoint latest")
@@ -420,8 +407,7 @@ def main(argv: list[str] | None = None, read: Callable[[str], str] = input) -> i
         code = exc.code if isinstance(exc.code, int) else 1
     except (MidiError, OSError) as exc:
         code = getattr(exc, "exit_code", 2)
-        for line in str(exc).splitlines():
-            print(f"error: {line}", file=sys.stderr)
+        print(*(f"error: {line}" for line in str(exc).splitlines()), sep="\n", file=sys.stderr)
     if code:
         wizard.cleanup()
     return code

@@ -31,11 +31,8 @@ AREAS = {
     "wizard": ("midi/quickstart.py", "midi/memory_plan.py", "quickstart_lora_training.sh", "demo.py", "midi/lora.py",
                "midi/models/", "midi/pipelines/", "midi/loaders/", "midi/schedulers/"),
 }
-# Not redesigned yet: these areas' cases are expected to fail until their package lands.
+# Areas not redesigned yet (their cases xfail); empty since every area landed.
 PENDING: dict[str, str] = {}
-# Old import paths kept for the files being written in parallel (midi/evaluation, its tests);
-# delete them when those import midi.errors / midi.tiny.
-TRANSITION_SHIMS = ("midi/data/errors.py", "midi/testing.py")
 # Separate features, checked by their own owners.
 OTHER = ("midi/evaluation/", "midi/mini/", "evaluate.py")
 
@@ -44,14 +41,14 @@ OPTIONAL_MODULES = {"bitsandbytes", "trimesh.ray.ray_pyembree", "wandb"}
 # One deferred import per CLI: after the config check, so a bad config fails without torch.
 CLI_DEFERRED = {("train_lora.py", "main"), ("inference_with_lora.py", "main")}
 # Declared deferred imports of the torch-free core: torch only for an fp16 config (the config check
-# must stay torch-free); safetensors.torch until package D moves the writer to midi.lora.save_tensors.
-DECLARED_DEFERRED = {("midi/config_load.py", "training_device_is_cpu"), ("midi/data/atomic.py", "save_safetensors")}
+# must stay torch-free).
+DECLARED_DEFERRED = {("midi/config_load.py", "training_device_is_cpu")}
 FMT_SKIP = "# fmt" + ": skip"  # spelled in two parts, so this file has no marker either
 MAX_LINES = {"train_lora.py": 350, "quickstart_lora_training.sh": 60}
 
 
 def area_of(rel: str) -> str | None:
-    if rel.startswith(OTHER) or rel in TRANSITION_SHIMS:
+    if rel.startswith(OTHER):
         return None
     return next((area for area, prefixes in AREAS.items() if rel.startswith(prefixes)), None)
 

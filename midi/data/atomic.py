@@ -133,14 +133,6 @@ def remove_dead_tmp(folders: Iterable[Path]) -> None:
                                "incomplete: rerun that scene", tmp, match[2], folder / match[1])
 
 
-def save_safetensors(path: str | os.PathLike[str], tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    """Writes a safetensors file atomically (tensors are made contiguous)."""
-    from safetensors.torch import save  # lazy: the data tools do not import torch
-
-    payload = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
-    with atomic_write(path, "wb") as f:
-        f.write(payload)
-
 
 def make_tmp_dir(parent: Path, name: str) -> Path:
     """Creates an empty temporary folder ``<parent>/<name>.tmp-<random>``."""

@@ -30,35 +30,22 @@ class Camera:
         return Camera(self.elevation, azimuth, self.distance, self.fov, self.target)
 
 
-def fit_distance(camera: Camera, radius: float, fill: float = 0.9) -> float:
-    """Distance at which a sphere of ``radius`` around the target fills ``fill`` of the view height."""
-    half = math.radians(camera.fov) / 2.0
-    return radius / (fill * math.sin(half))
-
-
 def camera_record(camera: Camera, radius: float, width: int, height: int) -> dict[str, Any]:
-    """Resolves a camera into the record stored in ``scene.json``.
+    """Resolves a camera into the record stored in ``scene.json``: the orbit parameters, ``eye``, ``intrinsics``
+    (3x3, OpenCV) and ``world_to_camera`` (4x4, OpenCV axes).
 
-    Args:
-        camera: The orbit description.
-        radius: Radius of the scene's bounding sphere around the target (for distance=None).
-        width: Image width in pixels.
-        height: Image height in pixels.
-
-    Returns:
-        A JSON-able dict with the orbit parameters, ``eye``, ``intrinsics`` (3x3, OpenCV) and
-        ``world_to_camera`` (4x4, OpenCV axes).
+    ``distance=None`` fits the sphere of ``radius`` around the target into 90 % of the view height.
     """
-    distance = camera.distance if camera.distance is not None else fit_distance(camera, radius)
+    fitted = radius / (0.9 * math.sin(math.radians(camera.fov) / 2))
+    distance = camera.distance if camera.distance is not None else fitted
     el, az = math.radians(camera.elevation), math.radians(camera.azimuth)
     offset = np.array([math.cos(el) * math.sin(az), math.sin(el), math.cos(el) * math.cos(az)])
     target = np.asarray(camera.target, np.float64)
     eye = target + distance * offset
     focal = (height / 2.0) / math.tan(math.radians(camera.fov) / 2.0)
     intrinsics = [[focal, 0.0, width / 2.0], [0.0, focal, height / 2.0], [0.0, 0.0, 1.0]]
-    record = asdict(camera) | {"distance": float(distance), "width": width, "height": height}
-    record |= {"eye": eye.tolist(), "intrinsics": intrinsics, "world_to_camera": _look_at(eye, target).tolist()}
-    return record
+    return asdict(camera) | {"distance": float(distance), "width": width, "height": height, "eye": eye.tolist(),
+                             "intrinsics": intrinsics, "world_to_camera": _look_at(eye, target).tolist()}
 
 
 def _look_at(eye: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -72,20 +59,12 @@ def _look_at(eye: np.ndarray, target: np.ndarray) -> np.ndarray:
     down = np.cross(forward, right)
     rotation = np.stack([right, down, forward])
     matrix = np.eye(4)
-    matrix[:3, :3] = rotation
-    matrix[:3, 3] = -rotation @ eye
+    matrix[:3, :3], matrix[:3, 3] = rotation, -rotation @ eye
     return matrix
 
 
 def pixel_rays(record: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """One ray per pixel centre, row-major.
-
-    Args:
-        record: A camera record from :func:`camera_record`.
-
-    Returns:
-        ``(origins, directions)``, each (H*W, 3) float64, directions unit length.
-    """
+    """One ray per pixel centre of a :func:`camera_record`, row-major: ``(origins, unit directions)``, (H*W, 3)."""
     width, height = record["width"], record["height"]
     k = np.asarray(record["intrinsics"])
     world_to_camera = np.asarray(record["world_to_camera"])
@@ -102,24 +81,11 @@ def pixel_rays(record: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def project_points(record: dict[str, Any], points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Projects world points to pixel coordinates.
-
-    Args:
-        record: A camera record.
-        points: (N, 3) world points.
-
-    Returns:
-        ``(uv, depth)``: (N, 2) pixel coordinates (x right, y down) and (N,) depths along the view
-        axis (points behind the camera have depth <= 0).
-    """
+    """Projects (N, 3) world points with a camera record: ``(uv, depth)``, (N, 2) pixel coordinates (x right,
+    y down) and (N,) depths along the view axis (points behind the camera have depth <= 0)."""
     world_to_camera = np.asarray(record["world_to_camera"])
     rot = world_to_camera[:3, :3]
-    cam = (
-        points[:, :1] * rot[:, 0]
-        + points[:, 1:2] * rot[:, 1]
-        + points[:, 2:3] * rot[:, 2]
-        + world_to_camera[:3, 3]
-    )
+    cam = points[:, :1] * rot[:, 0] + points[:, 1:2] * rot[:, 1] + points[:, 2:3] * rot[:, 2] + world_to_camera[:3, 3]
     depth = cam[:, 2]
     k = np.asarray(record["intrinsics"])
     safe = np.where(np.abs(depth) < 1e-12, 1e-12, depth)

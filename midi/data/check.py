@@ -50,10 +50,7 @@ class Problem:
     kind: str
     detail: str
 
-    @property
-    def severity(self) -> str:
-        """``"warning"`` or ``"error"``."""
-        return "warning" if self.kind in WARNING_KINDS else "error"
+    severity = property(lambda self: "warning" if self.kind in WARNING_KINDS else "error", doc="warning or error")
 
     def to_json(self) -> dict[str, str]:
         """The problem as stored in the report."""
@@ -112,8 +109,7 @@ class CheckReport:
             f"{len(self.errors)} error(s), {len(self.warnings)} warning(s)"
         ]
         lines += [f"  {kind}: {n}" for kind, n in sorted(Counter(p.kind for p in self.problems).items())]
-        for p in self.problems[:max_lines]:
-            lines.append(f"  [{p.severity}] {p.scene}: {p.kind}: {p.detail}")
+        lines += [f"  [{p.severity}] {p.scene}: {p.kind}: {p.detail}" for p in self.problems[:max_lines]]
         if len(self.problems) > max_lines:
             lines.append(f"  ... {len(self.problems) - max_lines} more in the report")
         lines += [f"  wrote {path}" for path in self.files.values()]
@@ -121,11 +117,7 @@ class CheckReport:
 
 
 def check_surface(path: Path, scene: str, name: str, min_points: int) -> tuple[list[Problem], np.ndarray | None]:
-    """Checks one surface file.
-
-    Returns:
-        ``(problems, points or None when unreadable)``.
-    """
+    """Checks one surface file: ``(problems, points or None when unreadable)``."""
     try:
         points, normals = load_surface(path)
     except DataError as exc:
@@ -145,13 +137,11 @@ def check_surface(path: Path, scene: str, name: str, min_points: int) -> tuple[l
     return [Problem(scene, kind, f"{name}: {detail}") for kind, (hit, detail) in found.items() if hit], points
 
 
-def check_view(
-    image: Path, ids: Path, scene: str, names: tuple[str, ...], min_mask_fraction: float
-) -> tuple[list[Problem], np.ndarray | None]:
-    """Checks one view: readable files, same size, labels vs objects, empty and tiny masks.
+def check_view(image: Path, ids: Path, scene: str, names: tuple[str, ...], min_mask_fraction: float
+               ) -> tuple[list[Problem], np.ndarray | None]:
+    """Checks one view (readable files, same size, labels vs objects, empty and tiny masks).
 
-    Returns:
-        ``(problems, per-object pixel counts or None when unreadable)``.
+    Returns ``(problems, per-object pixel counts or None when unreadable)``.
     """
     try:
         size = open_image(image).size
@@ -160,9 +150,7 @@ def check_view(
         return [Problem(scene, "unreadable_view", str(exc))], None
     problems = []
     if labels.shape != (size[1], size[0]):
-        problems.append(
-            Problem(scene, "size_mismatch", f"{ids.name} is {labels.shape[::-1]}, {image.name} is {size}")
-        )
+        problems.append(Problem(scene, "size_mismatch", f"{ids.name} is {labels.shape[::-1]}, {image.name} is {size}"))
     try:
         check_labels(labels, len(names), ids)
     except DataError as exc:
@@ -248,18 +236,12 @@ def _check_splits(splits: dict[str, list[str]], listed: set[str]) -> list[Proble
     return problems
 
 
-def check_dataset(
-    root: str | Path,
-    report_dir: str | Path | None = None,
-    min_mask_fraction: float = DEFAULT_MIN_MASK_FRACTION,
-    min_points: int | None = None,
-    sheet_scenes: int = 12,
-    write: bool = True,
-) -> CheckReport:
-    """Validates a dataset and writes ``check_report.json`` and ``contact_sheet.png``.
+def check_dataset(root: str | Path, report_dir: str | Path | None = None,
+                  min_mask_fraction: float = DEFAULT_MIN_MASK_FRACTION, min_points: int | None = None,
+                  sheet_scenes: int = 12, write: bool = True) -> CheckReport:
+    """Validates a midi-scenes or 3D-Front root and writes ``check_report.json`` and ``contact_sheet.png``.
 
     Args:
-        root: A midi-scenes root or a 3D-Front root.
         report_dir: Where to write the report and the sheet (``root`` when None).
         min_mask_fraction: Masks at or below this fraction of the image are reported as tiny.
         min_points: Fewest surface points expected; the manifest's ``num_surface_points``

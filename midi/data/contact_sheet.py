@@ -60,19 +60,16 @@ def _tile_camera(record: Any, points: list[np.ndarray]) -> dict[str, Any]:
     return camera | {"intrinsics": k.tolist(), "width": TILE, "height": TILE}
 
 
-def render_points(
-    camera: dict[str, Any], points: Sequence[np.ndarray], normals: Sequence[np.ndarray], colours: np.ndarray
-) -> np.ndarray:
+def render_points(camera: dict[str, Any], points: Sequence[np.ndarray], normals: Sequence[np.ndarray],
+                  colours: np.ndarray) -> np.ndarray:
     """Splats points (far to near, one pixel each) shaded by how much their normal faces the camera.
 
-    Returns:
-        (TILE, TILE, 3) uint8 on a dark background.
+    Returns a (TILE, TILE, 3) uint8 tile on a dark background.
     """
     tile = np.full((TILE * TILE, 3), 30, np.float32)
     if not points:
         return tile.reshape(TILE, TILE, 3).astype(np.uint8)
-    xyz = np.concatenate(points)
-    nrm = np.concatenate(normals)
+    xyz, nrm = np.concatenate(points), np.concatenate(normals)
     col = np.concatenate([np.repeat(colours[i][None], len(p), 0) for i, p in enumerate(points)])
     uv, depth = project_points(camera, xyz)
     view = xyz - np.asarray(camera["eye"])
@@ -87,8 +84,7 @@ def render_points(
 
 
 def _load_points(record: Any) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    points, normals = [], []
-    rng = np.random.default_rng(0)
+    points, normals, rng = [], [], np.random.default_rng(0)
     for path in record.surface_paths:
         try:
             p, n = load_surface(path)
@@ -138,7 +134,7 @@ def write_contact_sheet(path: Path, records: Sequence[Any], checks: Sequence[Any
     """Writes the sheet for ``records`` with titles from their :class:`SceneCheck` results."""
     rows = []
     for record, check in zip(records, checks):
-        kinds = sorted({p.kind for p in check.problems})
-        status = "ok" if not kinds else f"{len(check.problems)} problem(s): {', '.join(kinds)}"
+        kinds = ", ".join(sorted({p.kind for p in check.problems}))
+        status = f"{len(check.problems)} problem(s): {kinds}" if kinds else "ok"
         rows.append(scene_row(record, f"{record.scene_id} - {len(record.object_names)} objects - {status}"))
     save_png(path, Image.fromarray(np.concatenate(rows, axis=0)))

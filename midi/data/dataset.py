@@ -64,22 +64,14 @@ class SceneSample:
     # ``(name, reason)`` of instances left out (empty or too small mask)
     dropped: list[tuple[str, str]] = field(default_factory=list)
 
-    @property
-    def num_instances(self) -> int:
-        """Number of kept instances N."""
-        return len(self.object_names)
+    num_instances = property(lambda self: len(self.object_names), doc="Number of kept instances N.")
 
 
 def open_dataset(root: str | Path, split: str = "all") -> list[SceneRecord]:
-    """Indexes a dataset, detecting its layout.
+    """Indexes the ``split`` (train, val, test or all) of a dataset, in manifest (or room list) order.
 
-    Args:
-        root: A "midi-scenes" root (with ``manifest.json``) or a 3D-Front root (with
-            ``3D-FRONT-SURFACE`` and ``midi_room_ids.json``/``valid_room_ids.json``).
-        split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``.
-
-    Returns:
-        The records of the split, in manifest (or room list) order.
+    ``root`` is a "midi-scenes" root (with ``manifest.json``) or a 3D-Front root (with
+    ``3D-FRONT-SURFACE`` and ``midi_room_ids.json``/``valid_room_ids.json``).
 
     Raises:
         DataError: Unknown layout, unreadable manifest or unknown split.
@@ -87,11 +79,9 @@ def open_dataset(root: str | Path, split: str = "all") -> list[SceneRecord]:
     root = Path(root)
     if split not in (*layout.SPLITS, "all"):
         raise DataError(f"unknown split {split!r} (train, val, test or all)")
-    kind = layout.detect_layout(root)
-    if kind == layout.FORMAT:
-        return _open_manifest(root, split)
-    if kind == layout.FRONT3D:
-        return _open_front3d(root, split)
+    opener = {layout.FORMAT: _open_manifest, layout.FRONT3D: _open_front3d}.get(layout.detect_layout(root))
+    if opener:
+        return opener(root, split)
     raise DataError(f"{root}: neither a midi-scenes dataset (manifest.json) nor a 3D-Front root")
 
 
@@ -136,13 +126,12 @@ def manifest_entries(manifest: dict, path: str | Path) -> list[dict]:
 
 
 def _open_manifest(root: Path, split: str) -> list[SceneRecord]:
-    manifest = read_manifest(root)
-    entries = manifest_entries(manifest, Path(root) / layout.MANIFEST)
+    manifest, listing = read_manifest(root), root / layout.MANIFEST
     fmt = str(manifest.get("surface_format", "npy"))
     wanted = None if split == "all" else set(manifest.get("splits", {}).get(split, []))
-    listing, records = Path(root) / layout.MANIFEST, []
-    for entry in entries:  # every entry is checked, also those of other splits
-        folder = layout.inside(Path(root) / layout.SCENES_DIR, entry["id"], listing)
+    records = []
+    for entry in manifest_entries(manifest, listing):  # every entry is checked, also those of other splits
+        folder = layout.inside(root / layout.SCENES_DIR, entry["id"], listing)
         names = tuple(entry["objects"])
         surfaces = tuple(layout.inside(folder / layout.SURFACES_DIR, f"{n}.{fmt}", listing) for n in names)
         for view in entry["views"]:
@@ -156,13 +145,9 @@ def _open_manifest(root: Path, split: str) -> list[SceneRecord]:
 def _open_front3d(root: Path, split: str) -> list[SceneRecord]:
     rooms = front3d.read_rooms(root)
     indices = range(len(rooms)) if split == "all" else front3d.split_indices(len(rooms))[split]
-    records = []
-    for i in indices:
-        room, names = rooms[i]
-        views = tuple((img, idm) for img, idm, _ in front3d.room_views(root, room))
-        surfaces = tuple(front3d.surface_paths(root, room, names))
-        records.append(SceneRecord(front3d.room_scene_id(room), tuple(names), surfaces, views, layout.FRONT3D))
-    return records
+    return [SceneRecord(front3d.room_scene_id(room), tuple(names), tuple(front3d.surface_paths(root, room, names)),
+                        tuple((img, idm) for img, idm, _ in front3d.room_views(root, room)), layout.FRONT3D)
+            for room, names in (rooms[i] for i in indices)]
 
 
 def read_view(image: Path, ids: Path, num_objects: int | None = None, image_size: int | None = None,
@@ -171,14 +156,7 @@ def read_view(image: Path, ids: Path, num_objects: int | None = None, image_size
 
     The image is RGBA-composited on ``background``; with ``image_size`` both are padded to a square
     (image with the background, id map with 0) and resized (bicubic / nearest), which leaves square
-    (prepared) views unstretched.
-
-    Args:
-        image: The scene image.
-        ids: Its id map.
-        num_objects: When given, a label above it is refused (see :func:`check_labels`).
-        image_size: Side of the square output; None keeps the stored size.
-        background: RGB in [0, 1].
+    (prepared) views unstretched. With ``num_objects``, a label above it is refused (see :func:`check_labels`).
 
     Returns:
         ``(image (S, S, 3) float32 in [0, 1], labels (S, S) int32)``.
@@ -213,18 +191,14 @@ def check_labels(labels: np.ndarray, num_objects: int, where: object) -> None:
     extra = np.setdiff1d(np.unique(labels), np.arange(num_objects + 1))
     if len(extra):
         shown = ", ".join(map(str, extra[:8])) + (f", ... ({len(extra)} in all)" if len(extra) > 8 else "")
-        raise DataError(
-            f"{where}: labels [{shown}] but the scene has {num_objects} objects (labels 1..{num_objects})"
-        )
+        raise DataError(f"{where}: labels [{shown}] but the scene has {num_objects} objects (labels 1..{num_objects})")
 
 
-def instance_masks(
-    labels: np.ndarray, names: Sequence[str], min_mask_fraction: float
-) -> tuple[list[int], list[tuple[str, str]]]:
+def instance_masks(labels: np.ndarray, names: Sequence[str], min_mask_fraction: float
+                   ) -> tuple[list[int], list[tuple[str, str]]]:
     """Selects the instances whose mask is larger than ``min_mask_fraction`` of the image.
 
-    Returns:
-        ``(kept indices, [(name, reason) for dropped ones])``.
+    Returns ``(kept indices, [(name, reason) for dropped ones])``.
     """
     counts = np.bincount(labels.ravel().clip(0), minlength=len(names) + 1)
     limit = min_mask_fraction * labels.size
@@ -241,10 +215,7 @@ def instance_masks(
 
 
 def subsample_surface(path: Path, count: int, rng: np.random.Generator) -> np.ndarray:
-    """Loads one surface file and draws ``count`` rows without replacement.
-
-    Returns:
-        (count, 6) float32 xyz + normals.
+    """Loads one surface file and draws ``count`` rows without replacement: (count, 6) float32 xyz + normals.
 
     Raises:
         DataError: Unreadable file or fewer than ``count`` points.
@@ -256,17 +227,9 @@ def subsample_surface(path: Path, count: int, rng: np.random.Generator) -> np.nd
     return np.concatenate([points[rows], normals[rows]], axis=1).astype(np.float32)
 
 
-def load_scene_sample(
-    record: SceneRecord,
-    view_index: int | None,
-    num_surface_points: int,
-    rng: np.random.Generator,
-    *,
-    image_size: int | None = None,
-    background: Colour = WHITE,
-    min_mask_fraction: float = DEFAULT_MIN_MASK_FRACTION,
-    surfaces: bool = True,
-) -> SceneSample:
+def load_scene_sample(record: SceneRecord, view_index: int | None, num_surface_points: int, rng: np.random.Generator,
+                      *, image_size: int | None = None, background: Colour = WHITE,
+                      min_mask_fraction: float = DEFAULT_MIN_MASK_FRACTION, surfaces: bool = True) -> SceneSample:
     """Builds one training sample from a scene and one of its views.
 
     Instances whose mask is empty or covers at most ``min_mask_fraction`` of the image are
@@ -275,18 +238,12 @@ def load_scene_sample(
     surface subsets in object order).
 
     Args:
-        record: The scene.
         view_index: Index into ``record.views``; None draws one with ``rng``.
         num_surface_points: P, surface rows per instance (without replacement).
-        rng: Random generator.
         image_size: Side of the square output images; None keeps the stored size.
         background: RGB in [0, 1] used for compositing and outside the instance masks.
-        min_mask_fraction: Masks with at most this fraction of the pixels are dropped.
         surfaces: False reads the view only (training with the VAE cache): ``surfaces`` is then
             (N, 0, 6) and ``rng`` is not used for surface subsets.
-
-    Returns:
-        The :class:`SceneSample`.
 
     Raises:
         DataError: No views, unreadable files, or no instance left.
@@ -300,10 +257,7 @@ def load_scene_sample(
     if not kept:
         raise DataError(f"{record.scene_id} view {view_index}: no instance left ({len(dropped)} dropped)")
     images, masks = instance_images(rgb, labels, [k + 1 for k in kept], background)  # (N, H, W, 3), (N, H, W)
-    if surfaces:
-        points = np.stack([subsample_surface(record.surface_paths[k], num_surface_points, rng) for k in kept])
-    else:
-        points = np.zeros((len(kept), 0, 6), np.float32)
-    names = [record.object_names[k] for k in kept]
-    return SceneSample(record.scene_id, view_index, points, images, masks.astype(np.float32), rgb, names, kept,
-                       dropped)
+    points = (np.stack([subsample_surface(record.surface_paths[k], num_surface_points, rng) for k in kept])
+              if surfaces else np.zeros((len(kept), 0, 6), np.float32))
+    return SceneSample(record.scene_id, view_index, points, images, masks.astype(np.float32), rgb,
+                       [record.object_names[k] for k in kept], kept, dropped)

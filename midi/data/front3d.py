@@ -31,22 +31,15 @@ IMAGE_SUFFIXES = (".webp", ".png", ".jpg", ".jpeg")
 
 
 def _read_list(path: Path, nested: bool = False) -> list:
-    """Reads a list file: JSON, or ``.txt`` with one entry a line.
-
-    In a ``.txt`` furniture list (``nested``) each line holds the comma-separated object names
-    of one room.
-
-    Raises:
-        DataError: ``"<file>: <problem>"`` for invalid JSON or the wrong structure.
-    """
+    """Reads a list file: JSON, or ``.txt`` with one entry a line (in a ``nested`` furniture list: the
+    comma-separated object names of one room). DataError ``"<file>: <problem>"``: invalid JSON or structure."""
     if path.suffix == ".txt":
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if nested:
             return [[name.strip() for name in line.split(",") if name.strip()] for line in lines]
         return lines
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise DataError(f"{path.name}: invalid JSON ({exc})") from exc
     if not isinstance(data, list):
@@ -73,9 +66,8 @@ def read_rooms(root: Path) -> list[tuple[str, list[str]]]:
         if rooms_file and furniture_file:
             rooms, furniture = _read_list(rooms_file), _read_list(furniture_file, nested=True)
             if len(rooms) != len(furniture):
-                raise DataError(
-                    f"{rooms_file.name} lists {len(rooms)} rooms but {furniture_file.name} {len(furniture)}"
-                )
+                raise DataError(f"{rooms_file.name} lists {len(rooms)} rooms but {furniture_file.name} "
+                                f"{len(furniture)}")
             out = [(str(r), [str(n) for n in names]) for r, names in zip(rooms, furniture)]
             for room, names in out:  # the lists name folders and files: none may leave the root
                 for top in (RENDER_DIR, SURFACE_DIR):
@@ -92,11 +84,8 @@ def room_scene_id(room: str) -> str:
 
 
 def room_views(root: Path, room: str) -> list[tuple[Path, Path, str]]:
-    """Lists the views of a room that have both an image and an id map.
-
-    Returns:
-        ``[(image, id map, "<prefix>_<name>"), ...]``, render views first, names sorted.
-    """
+    """The views of a room with both an image and an id map: ``[(image, id map, "<prefix>_<name>"), ...]``,
+    render views first, names sorted."""
     folder = Path(root) / RENDER_DIR / room
     if not folder.is_dir():
         return []
@@ -126,8 +115,5 @@ def split_indices(count: int) -> dict[str, range]:
     n_test = min(1000, count // 10)
     n_val = min(20, max(1, count // 20)) if count - n_test >= 2 else 0
     train_end = count - n_test - n_val
-    return {
-        "train": range(0, train_end),
-        "val": range(train_end, train_end + n_val),
-        "test": range(train_end + n_val, count),
-    }
+    return {"train": range(0, train_end), "val": range(train_end, train_end + n_val),
+            "test": range(train_end + n_val, count)}

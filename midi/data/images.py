@@ -79,28 +79,18 @@ class IdMap:
 
 
 def parse_background(text: str | Sequence[float]) -> Colour:
-    """Parses a background colour: a name, a grey level, ``"r,g,b"`` in [0, 1], or a sequence.
-
-    Args:
-        text: ``"white"``, ``"black"``, ``"gray"``, ``"0.5"``, ``"1,1,1"`` or ``(1, 1, 1)``.
-
-    Returns:
-        An RGB triple in [0, 1].
+    """Parses ``"white"``/``"black"``/``"gray"``, a grey level ``"0.5"``, ``"r,g,b"`` or a sequence, in [0, 1].
 
     Raises:
         ValueError: Unknown name or values outside [0, 1].
     """
-    if isinstance(text, str):
-        if text.lower() in BACKGROUNDS:
-            return BACKGROUNDS[text.lower()]
-        values = [float(v) for v in text.split(",")]
-    else:
-        values = [float(v) for v in text]
-    if len(values) == 1:
-        values = values * 3
+    if isinstance(text, str) and text.lower() in BACKGROUNDS:
+        return BACKGROUNDS[text.lower()]
+    values = [float(v) for v in (text.split(",") if isinstance(text, str) else text)]
+    values *= 3 if len(values) == 1 else 1
     if len(values) != 3 or not all(0.0 <= v <= 1.0 for v in values):
         raise ValueError(f"background must be a name, a grey level or r,g,b in [0, 1]: {text!r}")
-    return (values[0], values[1], values[2])
+    return tuple(values)
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -121,26 +111,22 @@ def open_image(path: str | Path) -> Image.Image:
 
 
 def composite(array: np.ndarray, background: Colour) -> np.ndarray:
-    """Composites an RGBA float image onto a background colour (straight alpha).
-
-    Args:
-        array: (H, W, 4) in [0, 1].
-        background: RGB in [0, 1].
-
-    Returns:
-        (H, W, 3) float32 in [0, 1].
-    """
+    """Composites an (H, W, 4) RGBA float image onto an RGB background (straight alpha): (H, W, 3) float32."""
     alpha = array[..., 3:4]
     return (array[..., :3] * alpha + np.asarray(background, np.float32) * (1.0 - alpha)).astype(np.float32)
 
 
-def image_to_rgb_float(image: Image.Image, background: Colour = WHITE,
-                       rgba: Literal["composite", "upstream"] = "composite") -> np.ndarray:
-    """Converts any PIL image to (H, W, 3) float32 RGB in [0, 1].
+def read_rgb(path: str | Path, background: Colour = WHITE, *,
+             rgba: Literal["composite", "upstream"] = "composite") -> np.ndarray:
+    """Reads a scene image as (H, W, 3) float32 RGB in [0, 1].
 
     Transparency is composited on ``background`` (``rgba="upstream"``: alpha is dropped, so
     transparent pixels keep their stored colour). 16-bit and float grey images are scaled to [0, 1].
+
+    Raises:
+        DataError: unreadable file.
     """
+    image = open_image(path)
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         array = np.asarray(image, np.float32)
         grey = array / (65535.0 if image.mode.startswith("I;16") else max(1.0, float(array.max(initial=0))))
@@ -151,31 +137,13 @@ def image_to_rgb_float(image: Image.Image, background: Colour = WHITE,
     return np.asarray(image.convert("RGB"), np.float32) / 255.0
 
 
-def read_rgb(path: str | Path, background: Colour = WHITE, *,
-             rgba: Literal["composite", "upstream"] = "composite") -> np.ndarray:
-    """Reads a scene image as (H, W, 3) float32 in [0, 1] (see :func:`image_to_rgb_float`).
-
-    Raises:
-        DataError: unreadable file.
-    """
-    return image_to_rgb_float(open_image(path), background, rgba)
-
-
 def resize_rgb(rgb: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Resizes a float RGB image with bicubic filtering (PIL's default for RGB).
-
-    Args:
-        rgb: (H, W, 3) float in [0, 1].
-        size: Side of the square output, or ``(width, height)``.
-
-    Returns:
-        (h, w, 3) float32 in [0, 1].
-    """
+    """Resizes (H, W, 3) floats in [0, 1] bicubically (PIL's default for RGB) to a square side or (width, height)."""
     width, height = (size, size) if isinstance(size, int) else size
-    if rgb.shape[1] == width and rgb.shape[0] == height:
+    if rgb.shape[:2] == (height, width):
         return rgb.astype(np.float32, copy=False)
-    image = Image.fromarray(to_uint8(rgb))
-    return np.asarray(image.resize((width, height), Image.Resampling.BICUBIC), np.float32) / 255.0
+    resized = Image.fromarray(to_uint8(rgb)).resize((width, height), Image.Resampling.BICUBIC)
+    return np.asarray(resized, np.float32) / 255.0
 
 
 def to_uint8(rgb: np.ndarray) -> np.ndarray:
@@ -184,13 +152,9 @@ def to_uint8(rgb: np.ndarray) -> np.ndarray:
 
 
 def read_id_map(path: str | Path, *, order: InstanceOrder = "default", min_pixels: int | None = None) -> IdMap:
-    """Reads an instance id map (see the module docstring for formats and order).
+    """Reads an instance id map (see the module docstring for formats and ``order``).
 
-    Args:
-        path: palette / grey / 16-bit label image, or an RGB(A) colour-coded image.
-        order: ``"default"`` or ``"upstream"`` (upstream's grey-level order).
-        min_pixels: RGB maps: colours with fewer pixels are fringe and become background
-            (default: 0.1 % of the image area).
+    ``min_pixels``: RGB maps: colours with fewer pixels are fringe (default: 0.1 % of the image area).
 
     Raises:
         DataError: unreadable, lossy or undecodable map, or an unsupported image mode.
@@ -248,10 +212,9 @@ def _colour_id_map(rgb: np.ndarray, threshold: int, path: Path) -> IdMap:
         raise DataError(f"{int(thin.sum())} of {int(keep.sum())} instance colours (e.g. #{int(codes[thin][0]):06x}) "
                         f"have almost no solid area, so the map looks lossy or anti-aliased; {SAVE_AS_PNG}", path=path)
     colours = np.stack([(codes >> 16) & 255, (codes >> 8) & 255, codes & 255], axis=1)[keep]
-    palette = {c: i for i, c in enumerate(BASIC_PALETTE)}
     found = [tuple(int(v) for v in c) for c in colours]
-    if all(c in palette for c in found):
-        kept_labels = np.array([palette[c] for c in found], np.int32)
+    if all(c in BASIC_PALETTE for c in found):
+        kept_labels = np.array([BASIC_PALETTE.index(c) for c in found], np.int32)
     else:  # ascending luminance, ties broken by (R, G, B)
         grey = colours.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
         kept_labels = np.empty(len(colours), np.int32)
@@ -282,15 +245,8 @@ def _upstream_id_map(image: Image.Image, path: Path) -> IdMap:
 
 
 def resize_labels(labels: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a label map (sampling at pixel centres, like PIL's NEAREST).
-
-    Args:
-        labels: (H, W) integer labels.
-        size: Side of the square output, or ``(width, height)``.
-
-    Returns:
-        (h, w) labels, same dtype.
-    """
+    """Nearest-neighbour resize of (H, W) labels to a square side or (width, height), sampling pixel centres
+    like PIL's NEAREST."""
     width, height = (size, size) if isinstance(size, int) else size
     rows = np.minimum(((np.arange(height) + 0.5) * labels.shape[0] / height).astype(np.int64), labels.shape[0] - 1)
     cols = np.minimum(((np.arange(width) + 0.5) * labels.shape[1] / width).astype(np.int64), labels.shape[1] - 1)
@@ -298,21 +254,12 @@ def resize_labels(labels: np.ndarray, size: int | tuple[int, int]) -> np.ndarray
 
 
 def pad_to_square(array: np.ndarray, fill: float | Sequence[float]) -> np.ndarray:
-    """Pads an image or label map symmetrically to a square (keeps the aspect ratio on resize).
-
-    Args:
-        array: (H, W) or (H, W, C).
-        fill: Value for the new pixels (a colour for images, 0 for labels).
-
-    Returns:
-        (S, S[, C]) with S = max(H, W).
-    """
+    """Pads (H, W[, C]) symmetrically to a square with ``fill`` (a colour, or 0 for labels), keeping the aspect."""
     height, width = array.shape[:2]
-    side = max(height, width)
     if height == width:
         return array
-    out = np.empty((side, side, *array.shape[2:]), array.dtype)
-    out[...] = np.asarray(fill, array.dtype)
+    side = max(height, width)
+    out = np.full((side, side, *array.shape[2:]), fill, array.dtype)
     top, left = (side - height) // 2, (side - width) // 2
     out[top : top + height, left : left + width] = array
     return out
@@ -323,10 +270,6 @@ def upstream_padding(rgb: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
 
     The canvas grows to 1.25x the instances' centred extent when they fill more than 80 % of a
     side, the image is pasted centred on white (labels on 0), then padded right/bottom to a square.
-
-    Args:
-        rgb: (H, W, 3) float in [0, 1].
-        labels: (H, W) integer labels.
     """
     height, width = labels.shape
     rows, cols = np.nonzero(labels > 0)
@@ -347,13 +290,7 @@ def upstream_padding(rgb: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
 
 def instance_images(rgb: np.ndarray, labels: np.ndarray, instances: Sequence[int],
                     background: Colour = WHITE) -> tuple[np.ndarray, np.ndarray]:
-    """The per-instance pipeline inputs: each instance alone on the background, and its mask.
-
-    Args:
-        rgb: (H, W, 3) float in [0, 1].
-        labels: (H, W) integer labels.
-        instances: the label of each instance, in order.
-        background: RGB in [0, 1] outside the instance (white, as upstream, unless a dataset says otherwise).
+    """The per-instance pipeline inputs: each instance (a label) alone on the background, and its mask.
 
     Returns:
         ``(N, H, W, 3)`` float32 images and ``(N, H, W)`` bool masks.
@@ -380,9 +317,7 @@ def labels_to_image(labels: np.ndarray) -> Image.Image:
     high = int(labels.max()) if labels.size else 0
     if int(labels.min(initial=0)) < 0 or high > 65535:
         raise DataError(f"id map labels must lie in [0, 65535], got max {high}")
-    if high <= 255:
-        return Image.fromarray(labels.astype(np.uint8))
-    return Image.fromarray(labels.astype(np.uint16))
+    return Image.fromarray(labels.astype(np.uint8 if high <= 255 else np.uint16))
 
 
 def save_png(path: str | Path, image: Image.Image) -> None:
@@ -392,28 +327,14 @@ def save_png(path: str | Path, image: Image.Image) -> None:
 
 
 def instance_colours(count: int) -> np.ndarray:
-    """Distinct, fairly saturated colours for instances 0..count-1 (golden-ratio hues).
-
-    Args:
-        count: Number of instances.
-
-    Returns:
-        (count, 3) float32 RGB in [0, 1].
-    """
-    colours = []
-    for k in range(count):
-        hue = (0.08 + 0.618033988749895 * k) % 1.0
-        value = 0.9 if k % 2 == 0 else 0.75
-        colours.append(colorsys.hsv_to_rgb(hue, 0.65, value))
+    """Distinct, fairly saturated colours (golden-ratio hues) for instances 0..count-1: (count, 3) float32."""
+    colours = [colorsys.hsv_to_rgb((0.08 + 0.618033988749895 * k) % 1.0, 0.65, 0.75 if k % 2 else 0.9)
+               for k in range(count)]
     return np.asarray(colours, np.float32).reshape(count, 3)
 
 
 def colourise_labels(labels: np.ndarray, background: Colour = (0.0, 0.0, 0.0)) -> np.ndarray:
-    """Colours a label map for display with :func:`instance_colours` (label k+1 -> colour k).
-
-    Returns:
-        (H, W, 3) uint8.
-    """
+    """Colours a label map for display, (H, W, 3) uint8, with :func:`instance_colours` (label k+1 -> colour k)."""
     count = int(labels.max(initial=0))
     lut = np.concatenate([np.asarray([background], np.float32), instance_colours(count)], axis=0)
     return to_uint8(lut[np.clip(labels, 0, count)])

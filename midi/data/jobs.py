@@ -102,11 +102,7 @@ class SceneContent:
 
 
 def normalise_objects(objects: Sequence[NamedMesh], bound: float) -> tuple[list[NamedMesh], Normalization]:
-    """Validates the meshes and normalises them jointly into [-bound, bound]^3.
-
-    Raises:
-        DataError: A mesh without faces or area, or a scene without extent.
-    """
+    """Validates the meshes and normalises them jointly into [-bound, bound]^3 (DataError: no faces, area or extent)."""
     for obj in objects:
         validate_mesh(obj)
     norm = joint_normalization([o.mesh for o in objects], bound)
@@ -127,12 +123,10 @@ def sample_objects(objects: Sequence[NamedMesh], options: PrepareOptions, scene_
 
 def render_views(objects: Sequence[NamedMesh], options: PrepareOptions) -> list[ViewData]:
     """Renders ``options.views`` views at evenly spread azimuths."""
-    views = []
-    for k in range(options.views):
-        camera = options.camera.with_azimuth(options.camera.azimuth + 360.0 * k / options.views)
-        rendering = render_scene([o.mesh for o in objects], camera, options.image_size, options.background)
-        views.append(ViewData(rendering.rgb, rendering.ids, rendering.camera, {"rendered": True}))
-    return views
+    cameras = [options.camera.with_azimuth(options.camera.azimuth + 360.0 * k / options.views)
+               for k in range(options.views)]
+    renderings = [render_scene([o.mesh for o in objects], c, options.image_size, options.background) for c in cameras]
+    return [ViewData(r.rgb, r.ids, r.camera, {"rendered": True}) for r in renderings]
 
 
 def label_counts(views: Sequence[ViewData], num_objects: int) -> np.ndarray:
@@ -141,29 +135,18 @@ def label_counts(views: Sequence[ViewData], num_objects: int) -> np.ndarray:
 
 
 def check_extra_labels(views: Sequence[ViewData], names: Sequence[str]) -> None:
-    """Fails when an id map holds a label with no object behind it.
-
-    Raises:
-        DataError: Naming the id map file, the labels and the object count.
-    """
+    """Fails (a DataError naming the id map file, the labels and the object count) on a label with no object."""
     for view in views:
         check_labels(view.ids, len(names), Path(view.source.get("id_map", "id map")).name)
 
 
-def drop_unseen(
-    items: list[T], names: Sequence[str], views: list[ViewData], min_pixels: int, reason: str
-) -> tuple[list[T], list[ViewData], list[dict[str, str]]]:
-    """Drops objects with fewer than ``min_pixels`` in every view and renumbers the id maps.
+def drop_unseen(items: list[T], names: Sequence[str], views: list[ViewData], min_pixels: int, reason: str
+                ) -> tuple[list[T], list[ViewData], list[dict[str, str]]]:
+    """Drops the items (meshes or sampled objects, id k+1 = ``items[k]``) with fewer than ``min_pixels``
+    in every view, for ``reason`` (stored with the pixel count), and renumbers the id maps.
 
     Used for rendered views and converted 3D-Front rooms; folder scenes with user id maps are
     checked with :func:`midi.data.sources.check_label_coverage` instead and never edited.
-
-    Args:
-        items: The objects (meshes or sampled objects), in id order.
-        names: Their names.
-        views: The views; ``ids`` value k+1 is ``items[k]``.
-        min_pixels: Pixels an object needs in at least one view.
-        reason: Why an object is dropped (stored with its pixel count).
 
     Returns:
         ``(items kept, views with renumbered ids, dropped records)``.
@@ -175,11 +158,8 @@ def drop_unseen(
     keep = np.flatnonzero(counts >= min_pixels)
     if len(keep) == 0:
         raise DataError(f"no object left: every object is {reason}")
-    dropped = [
-        {"name": names[k], "reason": f"{reason} (max {int(counts[k])} px in a view)"}
-        for k in range(len(items))
-        if counts[k] < min_pixels
-    ]
+    dropped = [{"name": names[k], "reason": f"{reason} (max {int(counts[k])} px in a view)"}
+               for k in range(len(items)) if counts[k] < min_pixels]
     lut = np.zeros(len(items) + 1, np.int32)
     lut[keep + 1] = np.arange(1, len(keep) + 1)
     # Pixels of a dropped object become background in the id map (they are below min_pixels).

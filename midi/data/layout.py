@@ -44,30 +44,14 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def safe_name(name: str, fallback: str = "item") -> str:
-    """Turns any text into a safe file name (letters, digits, ``._-``), never empty or hidden.
-
-    Args:
-        name: The text (a file stem, a node name, a room path...).
-        fallback: Used when nothing safe is left.
-
-    Returns:
-        The safe name.
-    """
-    text = _UNSAFE.sub("_", name).strip("._-")
+    """Turns any text (a file stem, a node name, a room path...) into a safe file name (letters, digits, ``._-``),
+    never empty (then ``fallback``) or hidden."""
     # ".tmp-" marks scenes being written; a scene id must never look like one.
-    text = text.replace(TMP_MARK, "_tmp-")
-    return text or fallback
+    return _UNSAFE.sub("_", name).strip("._-").replace(TMP_MARK, "_tmp-") or fallback
 
 
 def unique_names(names: Iterable[str]) -> list[str]:
-    """Makes names unique (case-insensitively, for case-folding file systems) with ``_2``, ``_3``....
-
-    Args:
-        names: Safe names, possibly repeated.
-
-    Returns:
-        The names in the same order, repeats suffixed.
-    """
+    """Makes names unique (case-insensitively, for case-folding file systems) in order, repeats suffixed ``_2``...."""
     seen: set[str] = set()
     out = []
     for name in names:
@@ -148,26 +132,14 @@ def detect_layout(root: Path) -> str | None:
     return None
 
 
-def assign_splits(
-    scene_ids: Sequence[str],
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.0,
-    seed: int = 0,
-    existing: Mapping[str, Sequence[str]] | None = None,
-) -> dict[str, list[str]]:
+def assign_splits(scene_ids: Sequence[str], val_fraction: float = 0.1, test_fraction: float = 0.0, seed: int = 0,
+                  existing: Mapping[str, Sequence[str]] | None = None) -> dict[str, list[str]]:
     """Assigns scenes to train/val/test from a seeded hash of each id.
 
     The split of a new scene depends only on its id and the seed. With two or more scenes and
     ``val_fraction > 0`` at least one scene goes to val (the one with the smallest hash among the
     new train scenes). Scenes listed in ``existing`` (the splits of an earlier run) keep their
-    split, so adding scenes in a later run never moves earlier ones.
-
-    Args:
-        scene_ids: All scene ids.
-        val_fraction: Expected fraction of val scenes.
-        test_fraction: Expected fraction of test scenes.
-        seed: Split seed.
-        existing: ``{split: [ids]}`` of an earlier run (ids no longer present are dropped).
+    split, so adding scenes in a later run never moves earlier ones (ids no longer present are dropped).
 
     Returns:
         ``{"train": [...], "val": [...], "test": [...]}``, each sorted.
@@ -175,9 +147,8 @@ def assign_splits(
     splits: dict[str, list[str]] = {name: [] for name in SPLITS}
     kept: dict[str, str] = {}
     for name, ids in (existing or {}).items():
-        if name in splits:
-            for sid in ids:
-                kept.setdefault(sid, name)
+        for sid in ids if name in splits else ():
+            kept.setdefault(sid, name)
     units = {}
     for sid in scene_ids:
         if sid in kept:
@@ -185,15 +156,9 @@ def assign_splits(
         else:
             # A stable number in [0, 1) per scene, so a scene keeps its split across runs.
             units[sid] = zlib.crc32(f"{seed}:{sid}".encode()) / 2**32
-    new_train = []
     for sid, u in units.items():
-        if u < test_fraction:
-            splits["test"].append(sid)
-        elif u < test_fraction + val_fraction:
-            splits["val"].append(sid)
-        else:
-            splits["train"].append(sid)
-            new_train.append(sid)
+        splits["test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"].append(sid)
+    new_train = [sid for sid, u in units.items() if u >= test_fraction + val_fraction]
     if val_fraction > 0 and not splits["val"] and len(splits["train"]) >= 2 and new_train:
         pick = min(new_train, key=lambda s: units[s])
         splits["train"].remove(pick)

@@ -29,10 +29,7 @@ def settings(options: PrepareOptions) -> dict[str, Any]:
 
 
 def finished_scenes(output_dir: Path) -> dict[str, dict[str, Any]]:
-    """Reads the ``scene.json`` of every finished scene (sorted by id).
-
-    Unreadable records are ignored here (the check reports them).
-    """
+    """Reads the ``scene.json`` of every finished scene (sorted by id); unreadable ones are left to the check."""
     scenes = Path(output_dir) / layout.SCENES_DIR
     out: dict[str, dict[str, Any]] = {}
     for folder in sorted(scenes.iterdir()) if scenes.is_dir() else ():
@@ -46,11 +43,7 @@ def finished_scenes(output_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def read_old_manifest(output_dir: Path) -> dict[str, Any] | None:
-    """Reads the manifest of an earlier run (None when there is none), of any format.
-
-    Raises:
-        DataError: ``"<file>: <problem>"`` when it is unreadable or not a JSON object.
-    """
+    """Reads the manifest of an earlier run, of any format (None when there is none; DataError when corrupt)."""
     path = Path(output_dir) / layout.MANIFEST
     if not path.is_file():
         return None
@@ -83,9 +76,8 @@ def check_resume_settings(output_dir: Path, options: PrepareOptions) -> None:
             old["bound"] = norm["bound"]
     for key, value in settings(options).items():
         if key in old and not (_close(old[key], value) if key == "bound" else old[key] == value):
-            raise UsageError(
-                f"{output_dir} was prepared with {key}={old[key]}, not {value}; use the same or a new folder"
-            )
+            raise UsageError(f"{output_dir} was prepared with {key}={old[key]}, not {value}; "
+                             "use the same or a new folder")
 
 
 def _close(a: object, b: float) -> bool:
@@ -96,11 +88,7 @@ def _close(a: object, b: float) -> bool:
 
 
 def write_manifest(output_dir: Path, options: PrepareOptions) -> dict[str, Any]:
-    """Writes ``manifest.json`` listing every finished scene and the splits (atomically).
-
-    Returns:
-        The manifest.
-    """
+    """Writes ``manifest.json`` listing every finished scene and the splits (atomically) and returns it."""
     old = read_old_manifest(output_dir) or {}
     records = finished_scenes(output_dir)
     split_settings = {"val_fraction": options.val_fraction, "test_fraction": options.test_fraction,

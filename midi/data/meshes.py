@@ -72,12 +72,9 @@ def load_scene_graph(path: Path, used: set[str] | None = None) -> trimesh.Scene:
 
     OBJ ``o`` objects become separate geometries (one file can hold several objects). Loading
     does not process the meshes, so faces with NaN vertices reach :func:`scene_instances`, which
-    removes them and says so (trimesh would drop them silently).
-
-    Args:
-        path: The mesh file.
-        used: When given, receives the lower-case names of the files the mesh refers to
-            (``.mtl``, textures, buffers), so that they are not taken for scene images.
+    removes them and says so (trimesh would drop them silently). ``used``, when given, receives the
+    lower-case names of the files the mesh refers to (``.mtl``, textures, buffers), so that they are
+    not taken for scene images.
 
     Raises:
         DataError: Empty or unreadable file, or a file without any geometry.
@@ -99,11 +96,7 @@ def load_scene_graph(path: Path, used: set[str] | None = None) -> trimesh.Scene:
 
 
 def scene_instances(scene: trimesh.Scene, source: str) -> tuple[list[NamedMesh], list[tuple[str, str]]]:
-    """Lists the triangle-mesh instances of a scene graph with their world transforms applied.
-
-    Args:
-        scene: A loaded scene.
-        source: File name used in names of sources and reasons.
+    """Lists the triangle-mesh instances of a scene graph (of file ``source``) with their world transforms applied.
 
     Returns:
         ``(instances, skipped)``: one :class:`NamedMesh` per node holding a triangle mesh with
@@ -145,48 +138,35 @@ def _non_surface_reason(geometry: object) -> str | None:
     return None
 
 
-def load_instances(path: Path) -> tuple[list[NamedMesh], list[tuple[str, str]]]:
-    """Loads a scene file whose nodes/meshes are the instances (input kind b).
-
-    Returns:
-        ``(instances, skipped)`` as in :func:`scene_instances`.
+def load_instances(path: Path, used: set[str] | None = None) -> tuple[list[NamedMesh], list[tuple[str, str]]]:
+    """Loads a scene file whose nodes/meshes are the instances: ``(instances, skipped)`` of :func:`scene_instances`.
 
     Raises:
         DataError: Unreadable file, or no node holds a triangle mesh.
     """
     path = Path(path)
-    instances, skipped = scene_instances(load_scene_graph(path), path.name)
+    instances, skipped = scene_instances(load_scene_graph(path, used), path.name)
     if not instances:
         raise DataError(f"{path.name}: {skipped[0][1] if skipped else 'no triangle mesh'}")
     return instances, skipped
 
 
 def load_object(path: Path, name: str | None = None, used: set[str] | None = None) -> NamedMesh:
-    """Loads a mesh file as ONE object: all its geometry, transforms applied, concatenated.
-
-    Args:
-        path: A mesh file.
-        name: Object name; the file stem when None.
-        used: Receives the names of the files the mesh refers to (see :func:`load_scene_graph`).
+    """Loads a mesh file as ONE object named ``name`` (default: the file stem): all its geometry, transforms
+    applied, concatenated. ``used`` is that of :func:`load_scene_graph`.
 
     Raises:
         DataError: Unreadable/empty file, or no triangle faces at all (e.g. a points-only PLY).
     """
     path = Path(path)
-    instances, skipped = scene_instances(load_scene_graph(path, used), path.name)
-    if not instances:
-        raise DataError(f"{path.name}: {skipped[0][1] if skipped else 'no triangle mesh'}")
+    instances, skipped = load_instances(path, used)
     mesh = trimesh.util.concatenate([inst.mesh for inst in instances])  # geometry only, no vertex merge
     warning = "; ".join(w for w in [i.warning for i in instances] + [f"{n}: {r}" for n, r in skipped] if w)
     return NamedMesh(name or path.stem, mesh, path.name, warning)
 
 
 def validate_mesh(obj: NamedMesh) -> None:
-    """Checks a mesh can be sampled: faces, finite coordinates, positive area.
-
-    Raises:
-        DataError: Naming the object's source and the problem.
-    """
+    """Checks a mesh can be sampled (faces, finite coordinates, positive area), else a DataError naming its source."""
     mesh = obj.mesh
     if len(mesh.faces) == 0:
         raise DataError(f"{obj.source}: mesh has no faces")
@@ -200,11 +180,7 @@ def joint_normalization(meshes: Sequence[trimesh.Trimesh], bound: float = DEFAUL
     """Computes one similarity for all meshes: bounding-box centre to 0, largest extent to 2*bound.
 
     The same transform is applied to every object, so the relative layout is kept. Pass a single
-    mesh for single-object data.
-
-    Args:
-        meshes: The scene's objects in the shared frame.
-        bound: Half-extent of the largest side after normalisation (0.95 = 5% margin).
+    mesh for single-object data. ``bound``: half-extent of the largest side after it (0.95 = 5% margin).
 
     Raises:
         DataError: The scene has no extent (all vertices coincide).
@@ -225,15 +201,10 @@ def apply_normalization(obj: NamedMesh, norm: Normalization) -> NamedMesh:
 
 
 def sample_surface(mesh: trimesh.Trimesh, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Draws area-weighted uniform samples on the surface with the normal of the hit face.
+    """Draws ``count`` area-weighted uniform samples on the surface with the normal of the hit face.
 
-    Args:
-        mesh: A triangle mesh with positive area.
-        count: Number of samples.
-        rng: Random generator (the only source of randomness, so results are reproducible).
-
-    Returns:
-        ``(points, normals)``, (count, 3) float32; normals are unit length.
+    ``rng`` is the only source of randomness (reproducible). Returns ``(points, normals)``, (count, 3)
+    float32; normals are unit length.
     """
     vertices = np.asarray(mesh.vertices, np.float64)
     tri = vertices[np.asarray(mesh.faces)]

@@ -114,23 +114,18 @@ def prepare_dataset(input_dir: str | Path, output_dir: str | Path, options: Prep
                     workers: int = 1, progress: bool = False, strict: bool = False) -> PrepareReport:
     """Prepares every scene found in ``input_dir`` into ``output_dir`` (resumable).
 
-    Args:
-        input_dir: Scene folders and/or scene files, a single scene file, or a 3D-Front root.
-        output_dir: Dataset root (created if needed).
-        options: Settings; defaults when None.
-        workers: Worker processes (1 = in this process).
-        progress: Show a progress bar.
-        strict: Stop at the first skipped scene.
+    ``input_dir`` holds scene folders and/or scene files, or is a single scene file or a 3D-Front
+    root; ``workers=1`` works in this process; ``strict`` stops at the first skipped scene.
 
     Raises:
         DataError: The input does not exist or is already a prepared dataset.
         UsageError: ``output_dir`` was prepared with other settings.
     """
-    output_dir = Path(output_dir)
-    jobs = sources.discover_jobs(Path(input_dir), (options or PrepareOptions()).single_object)
+    output_dir, options = Path(output_dir), options or PrepareOptions()
     # An output folder inside the input folder must not be taken for a scene on a re-run.
-    jobs = [j for j in jobs if Path(j.path).resolve() != output_dir.resolve()]
-    return run_jobs(output_dir, jobs, options or PrepareOptions(), workers=workers, progress=progress, strict=strict)
+    jobs = [j for j in sources.discover_jobs(Path(input_dir), options.single_object)
+            if Path(j.path).resolve() != output_dir.resolve()]
+    return run_jobs(output_dir, jobs, options, workers=workers, progress=progress, strict=strict)
 
 
 def prepare_synthetic(output_dir: str | Path, num_scenes: int, *, seed: int = 0, options: PrepareOptions | None = None,
@@ -150,19 +145,37 @@ def run_jobs(output_dir: Path, jobs: Sequence[SceneJob], options: PrepareOptions
              progress: bool = False, strict: bool = False) -> PrepareReport:
     """Runs scene jobs (finished ones are skipped) on ``workers`` processes, then writes the manifest.
 
-    The other arguments are those of :func:`prepare_dataset`.
-
-    Returns:
-        The report (also written to ``<output_dir>/prepare_report.json``).
+    The other arguments are those of :func:`prepare_dataset`. The report is also written to
+    ``<output_dir>/prepare_report.json``.
 
     Raises:
         UsageError: Another run (a live pid in ``<output_dir>/.prepare.lock``) writes there.
     """
     output_dir = Path(output_dir)
     _validate_options(options)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / layout.SCENES_DIR).mkdir(parents=True, exist_ok=True)
     with output_lock(output_dir):
-        return _run_locked(output_dir, jobs, options, workers, progress, strict)
+        check_resume_settings(output_dir, options)
+        remove_stale_tmp(output_dir / layout.SCENES_DIR)
+        finished = {j.scene_id for j in jobs if layout.is_finished(layout.scene_dir(output_dir, j.scene_id))}
+        report = PrepareReport(str(output_dir), already_done=[j.scene_id for j in jobs if j.scene_id in finished],
+                               workers=max(1, workers))
+        pending = [j for j in jobs if j.scene_id not in finished]
+        start = time.perf_counter()
+        # The parallelism comes from the workers: BLAS threads (trimesh's np.dot) would only steal their cores.
+        bar = tqdm(total=len(jobs), initial=len(report.already_done), disable=not progress, unit="scene")
+        with threadpool_limits(1), bar:
+            for outcome in _outcomes(output_dir, pending, options, workers):
+                _record(report, outcome)
+                bar.update(1)
+                bar.set_postfix(meshes=report.num_meshes, skipped=len(report.skipped))
+                if strict and outcome.status == "skipped":
+                    report.aborted = True
+                    break
+        report.seconds = time.perf_counter() - start
+        report.num_scenes_total = len(write_manifest(output_dir, options)["scenes"])
+        write_json(output_dir / REPORT_NAME, report.to_json())
+        return report
 
 
 @contextmanager
@@ -198,38 +211,6 @@ def output_lock(output_dir: Path) -> Iterator[None]:
         yield
     finally:
         path.unlink(missing_ok=True)
-
-
-def _run_locked(output_dir: Path, jobs: Sequence[SceneJob], options: PrepareOptions, workers: int,
-                progress: bool, strict: bool) -> PrepareReport:
-    scenes = output_dir / layout.SCENES_DIR
-    scenes.mkdir(parents=True, exist_ok=True)
-    check_resume_settings(output_dir, options)
-    remove_stale_tmp(scenes)
-    report = PrepareReport(str(output_dir), workers=max(1, workers))
-    pending = []
-    for job in jobs:
-        if layout.is_finished(layout.scene_dir(output_dir, job.scene_id)):
-            report.already_done.append(job.scene_id)
-        else:
-            pending.append(job)
-    start = time.perf_counter()
-    # The parallelism comes from the workers: BLAS threads (trimesh's np.dot) would only steal their cores.
-    with (
-        threadpool_limits(1),
-        tqdm(total=len(jobs), initial=len(report.already_done), disable=not progress, unit="scene") as bar,
-    ):
-        for outcome in _outcomes(output_dir, pending, options, workers):
-            _record(report, outcome)
-            bar.update(1)
-            bar.set_postfix(meshes=report.num_meshes, skipped=len(report.skipped))
-            if strict and outcome.status == "skipped":
-                report.aborted = True
-                break
-    report.seconds = time.perf_counter() - start
-    report.num_scenes_total = len(write_manifest(output_dir, options)["scenes"])
-    write_json(output_dir / REPORT_NAME, report.to_json())
-    return report
 
 
 def _validate_options(o: PrepareOptions) -> None:
@@ -323,9 +304,7 @@ def _watch_parent(ppid: int) -> None:
 def process_job(job: SceneJob, output_dir: Path, options: PrepareOptions) -> SceneOutcome:
     """Builds and writes one scene; never raises for bad input (worker entry point).
 
-    Returns:
-        ``written`` with the object count, ``done`` if finished earlier, or ``skipped`` with
-        a one-line reason.
+    Returns ``written`` with the object count, ``done`` if finished earlier, or ``skipped`` with a one-line reason.
     """
     start = time.perf_counter()
     if layout.is_finished(layout.scene_dir(output_dir, job.scene_id)):
@@ -336,11 +315,9 @@ def process_job(job: SceneJob, output_dir: Path, options: PrepareOptions) -> Sce
             write_scene(output_dir, job.scene_id, content, options)
     except DataError as exc:
         return SceneOutcome(job.scene_id, "skipped", str(exc))
-    except OSError as exc:
-        if exc.errno in FATAL_ERRNOS:
-            raise  # a full or read-only output disk stops the run (prepare_data.py prints one line)
-        return SceneOutcome(job.scene_id, "skipped", str(DataError(f"{type(exc).__name__}: {exc}")))
-    except Exception as exc:  # a per-scene failure must never stop the run
+    except Exception as exc:  # a per-scene failure must never stop the run...
+        if isinstance(exc, OSError) and exc.errno in FATAL_ERRNOS:
+            raise  # ...but a full or read-only output disk does (prepare_data.py prints one line)
         return SceneOutcome(job.scene_id, "skipped", str(DataError(f"{type(exc).__name__}: {exc}")))
     # Objects left out or repaired are not failures, but must not pass unseen ("clean").
     warnings = [{"object": d["name"], "detail": f"dropped: {d['reason']}"} for d in content.dropped]
@@ -350,21 +327,18 @@ def process_job(job: SceneJob, output_dir: Path, options: PrepareOptions) -> Sce
 
 
 def write_scene(output_dir: Path, scene_id: str, content: SceneContent, options: PrepareOptions) -> Path:
-    """Writes one scene into a temporary folder and renames it into place.
-
-    Returns:
-        The final scene folder.
-    """
-    scenes = Path(output_dir) / layout.SCENES_DIR
-    tmp = make_tmp_dir(scenes, scene_id)
+    """Writes one scene into a temporary folder and renames it into place; returns the final folder."""
+    tmp = make_tmp_dir(Path(output_dir) / layout.SCENES_DIR, scene_id)
     try:
         (tmp / layout.SURFACES_DIR).mkdir()
         (tmp / layout.VIEWS_DIR).mkdir()
         objects = [_write_object(tmp, obj, options.surface_format) for obj in content.objects]
         views = [_write_view(tmp, k, view) for k, view in enumerate(content.views)]
-        write_json(tmp / layout.SCENE_JSON, _scene_record(scene_id, content, objects, views, options))
-        final = layout.scene_dir(output_dir, scene_id)
-        commit_dir(tmp, final)
+        record = {"format": layout.FORMAT, "version": layout.VERSION, "id": scene_id, "objects": objects,
+                  "views": views, "normalization": content.normalization, "dropped": content.dropped,
+                  "source": content.source} | {k: v for k, v in settings(options).items() if k in SCENE_SETTINGS}
+        write_json(tmp / layout.SCENE_JSON, record)
+        commit_dir(tmp, final := layout.scene_dir(output_dir, scene_id))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -374,8 +348,8 @@ def write_scene(output_dir: Path, scene_id: str, content: SceneContent, options:
 def _write_object(scene: Path, obj: ObjectData, surface_format: str) -> dict[str, Any]:
     path = layout.surface_path(scene, obj.name, surface_format)
     save_surface(path, obj.points, obj.normals)
-    surface = f"{layout.SURFACES_DIR}/{path.name}"
-    return {"name": obj.name, "surface": surface, "source": obj.source, "num_points": int(len(obj.points))} | obj.info
+    return {"name": obj.name, "surface": f"{layout.SURFACES_DIR}/{path.name}", "source": obj.source,
+            "num_points": int(len(obj.points))} | obj.info
 
 
 def _write_view(scene: Path, index: int, view: ViewData) -> dict[str, Any]:
@@ -384,14 +358,7 @@ def _write_view(scene: Path, index: int, view: ViewData) -> dict[str, Any]:
     save_png(image_path, Image.fromarray(view.rgb))
     save_png(ids_path, labels_to_image(view.ids))
     counts = np.bincount(view.ids.ravel()).tolist()  # [background, object 0, object 1, ...]
-    record = {"name": name, "image": f"{layout.VIEWS_DIR}/{image_path.name}",
-              "id_map": f"{layout.VIEWS_DIR}/{ids_path.name}"}
-    return record | {"instance_pixels": counts[1:], "camera": view.camera} | view.source
-
-
-def _scene_record(scene_id: str, content: SceneContent, objects: list[dict], views: list[dict],
-                  options: PrepareOptions) -> dict[str, Any]:
-    return {"format": layout.FORMAT, "version": layout.VERSION, "id": scene_id, "objects": objects, "views": views,
-            "normalization": content.normalization, "dropped": content.dropped, "source": content.source,
-            } | {k: v for k, v in settings(options).items() if k in SCENE_SETTINGS}
+    return {"name": name, "image": f"{layout.VIEWS_DIR}/{image_path.name}",
+            "id_map": f"{layout.VIEWS_DIR}/{ids_path.name}", "instance_pixels": counts[1:],
+            "camera": view.camera} | view.source
 

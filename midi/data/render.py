@@ -39,40 +39,23 @@ def _intersector(mesh: trimesh.Trimesh) -> Any:
         return ray_triangle.RayMeshIntersector(mesh)
 
 
-def bounding_radius(meshes: Sequence[trimesh.Trimesh], center: Sequence[float]) -> float:
-    """Largest distance of any vertex from ``center`` (for fitting the camera)."""
-    c = np.asarray(center, np.float64)
-    return float(max(np.linalg.norm(m.vertices - c, axis=1).max() for m in meshes))
+def render_scene(meshes: Sequence[trimesh.Trimesh], camera: Camera, image_size: int,
+                 background: Colour = (1.0, 1.0, 1.0), colours: np.ndarray | None = None) -> Rendering:
+    """Renders the objects of a scene (mesh k gets id k+1) from one camera into a square image.
 
-
-def render_scene(
-    meshes: Sequence[trimesh.Trimesh],
-    camera: Camera,
-    image_size: int,
-    background: Colour = (1.0, 1.0, 1.0),
-    colours: np.ndarray | None = None,
-) -> Rendering:
-    """Renders the objects of a scene from one camera.
-
-    Args:
-        meshes: The objects, in id order (mesh k gets id k+1).
-        camera: Orbit camera; ``distance=None`` fits the scene.
-        image_size: Side of the square image in pixels.
-        background: RGB in [0, 1] where no object is hit.
-        colours: (N, 3) per-instance colours in [0, 1]; :func:`instance_colours` when None.
-
-    Returns:
-        The :class:`Rendering`.
+    ``camera.distance=None`` fits the scene (its farthest vertex from the target); ``background`` is
+    where no object is hit; ``colours``: (N, 3) per-instance colours, :func:`instance_colours` when None.
     """
-    record = camera_record(camera, bounding_radius(meshes, camera.target), image_size, image_size)
+    target = np.asarray(camera.target, np.float64)
+    radius = float(max(np.linalg.norm(m.vertices - target, axis=1).max() for m in meshes))
+    record = camera_record(camera, radius, image_size, image_size)
     merged = trimesh.util.concatenate(list(meshes))  # (sum of faces) in id order, no vertex merge
     face_instance = np.repeat(np.arange(len(meshes)), [len(m.faces) for m in meshes])
     origins, dirs = pixel_rays(record)
     hit = np.asarray(_intersector(merged).intersects_first(origins, dirs), np.int64)
     ids = np.where(hit >= 0, face_instance[np.maximum(hit, 0)] + 1, 0).astype(np.int32)
     palette = instance_colours(len(meshes)) if colours is None else np.asarray(colours, np.float32)
-    rgb = np.empty((len(hit), 3), np.float32)
-    rgb[:] = np.asarray(background, np.float32)
+    rgb = np.full((len(hit), 3), background, np.float32)
     found = hit >= 0
     shade = _lambert(merged.face_normals[hit[found]], dirs[found], record)
     rgb[found] = palette[ids[found] - 1] * shade[:, None]

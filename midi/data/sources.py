@@ -65,24 +65,20 @@ def discover_jobs(input_path: Path, single_object: bool = False) -> list[SceneJo
         DataError: The input does not exist or is already a prepared dataset.
     """
     input_path = Path(input_path)
+    file_kind = "single_object" if single_object else "scene_file"
     if input_path.is_file():
-        kind = "single_object" if single_object else "scene_file"
-        return [SceneJob(safe_name(input_path.stem, "scene"), kind, str(input_path))]
+        return [SceneJob(safe_name(input_path.stem, "scene"), file_kind, str(input_path))]
     if not input_path.is_dir():
         raise DataError(f"{input_path}: input not found")
     kind = detect_layout(input_path)
     if kind == layout.FORMAT:
         raise DataError(f"{input_path}: already a prepared dataset (use --check)")
-    if kind == layout.FRONT3D:
-        return _front_jobs(input_path)
-    return _folder_jobs(input_path, single_object)
+    return _front_jobs(input_path) if kind == layout.FRONT3D else _folder_jobs(input_path, file_kind)
 
 
-def _folder_jobs(root: Path, single_object: bool) -> list[SceneJob]:
+def _folder_jobs(root: Path, file_kind: str) -> list[SceneJob]:
     entries = [e for e in sorted(root.iterdir()) if not e.name.startswith(".")]
-    picked = [(e, "folder") for e in entries if e.is_dir()]
-    file_kind = "single_object" if single_object else "scene_file"
-    picked += [(e, file_kind) for e in entries if is_mesh_file(e)]
+    picked = [(e, "folder") for e in entries if e.is_dir()] + [(e, file_kind) for e in entries if is_mesh_file(e)]
     ids = unique_names(safe_name(e.name if e.is_dir() else e.stem, "scene") for e, _ in picked)
     return [SceneJob(sid, kind, str(e)) for sid, (e, kind) in zip(ids, picked)]
 
@@ -103,14 +99,14 @@ def build_content(job: SceneJob, options: PrepareOptions) -> SceneContent:
         return build_front_content(job, options)
     if job.kind == "synthetic":
         return build_synthetic_content(job, options)
+    dropped, user_views = [], []
     if job.kind == "folder":
-        objects, dropped, user_views = _load_folder(Path(job.path), options)
+        objects, user_views = _load_folder(Path(job.path), options)
     elif job.kind == "scene_file":
         objects, skipped = load_instances(Path(job.path))
-        dropped = [{"name": node, "reason": reason} for node, reason in skipped]
-        objects, user_views = _name_instances(objects), []
+        objects, dropped = _name_instances(objects), [{"name": node, "reason": why} for node, why in skipped]
     elif job.kind == "single_object":
-        objects, dropped, user_views = [load_object(Path(job.path))], [], []
+        objects = [load_object(Path(job.path))]
     else:
         raise DataError(f"{job.scene_id}: unknown job kind {job.kind!r}")
     content = build_mesh_content(job, objects, user_views, options)
@@ -139,38 +135,31 @@ def build_mesh_content(
     elif options.render == "never":
         raise DataError(f"{job.path}: no scene images and --render never")
     else:
-        views = render_views(objects, options)
-        names = [o.name for o in objects]
-        objects, views, dropped = drop_unseen(objects, names, views, 1, "not visible in any rendered view")
-    samples = sample_objects(objects, options, job.scene_id)
-    source = {"kind": job.kind, "path": str(job.path)}
-    return SceneContent(samples, views, norm.to_json(), source, dropped)
+        objects, views, dropped = drop_unseen(objects, [o.name for o in objects], render_views(objects, options), 1,
+                                              "not visible in any rendered view")
+    return SceneContent(sample_objects(objects, options, job.scene_id), views, norm.to_json(),
+                        {"kind": job.kind, "path": str(job.path)}, dropped)
 
 
 def check_label_coverage(views: list[ViewData], names: list[str]) -> None:
-    """Checks user id maps against the objects: no unknown label, every object in some view.
-
-    Raises:
-        DataError: The labels do not match the meshes.
-    """
+    """Checks user id maps against the objects (no unknown label, every object in some view), else a DataError."""
     check_extra_labels(views, names)
     seen = label_counts(views, len(names)).sum(axis=0)[1:]
     missing = [names[k] for k in np.flatnonzero(seen == 0)]
     if missing:
         used = [int(k) + 1 for k in np.flatnonzero(seen > 0)]
         files = ", ".join(Path(v.source.get("id_map", "?")).name for v in views)
-        raise DataError(
-            f"{files}: labels {used} but the scene has {len(names)} meshes; in no id map: {', '.join(missing)}"
-        )
+        raise DataError(f"{files}: labels {used} but the scene has {len(names)} meshes; "
+                        f"in no id map: {', '.join(missing)}")
 
 
-def _load_folder(folder: Path, options: PrepareOptions) -> tuple[list[NamedMesh], list, list[ViewData]]:
+def _load_folder(folder: Path, options: PrepareOptions) -> tuple[list[NamedMesh], list[ViewData]]:
     mesh_files = _ordered_mesh_files(folder)
     names = unique_names(safe_name(p.stem, "object") for p in mesh_files)
     used = _mtl_textures(folder)  # files the meshes refer to are textures, never scene images
     objects = [load_object(p, n, used) for p, n in zip(mesh_files, names)]
     views = [] if options.render == "always" else [load_view(i, m, options) for i, m in find_view_pairs(folder, used)]
-    return objects, [], views
+    return objects, views
 
 
 def _mtl_textures(folder: Path) -> set[str]:
@@ -195,11 +184,9 @@ def _ordered_mesh_files(folder: Path) -> list[Path]:
     for name in order:
         layout.inside(folder, name, mapping)
     by_name = {p.name: p for p in files}
-    unknown = [n for n in order if n not in by_name]
-    if unknown:
+    if unknown := [n for n in order if n not in by_name]:
         raise DataError(f"{mapping}: names files that are not in the folder: {unknown}")
-    unnamed = sorted(set(by_name) - set(order))
-    if unnamed:
+    if unnamed := sorted(set(by_name) - set(order)):
         raise DataError(f"{mapping}: mesh files without an id: {unnamed}")
     return [by_name[n] for n in order]
 
@@ -238,8 +225,7 @@ def find_view_pairs(folder: Path, textures: set[str] = frozenset()) -> list[tupl
             raise DataError(f"{image}: scene image without id map (expected e.g. {image.stem}_ids.png)")
         pairs.append((image, match))
         used.add(match.stem.lower())
-    orphans = sorted(set(maps) - used)
-    if orphans:
+    if orphans := sorted(set(maps) - used):
         raise DataError(f"{maps[orphans[0]]}: id map without scene image")
     return pairs
 
@@ -260,14 +246,11 @@ def _id_map_candidates(stem: str) -> list[str]:
 
 
 def load_view(image: Path, idmap: Path, options: PrepareOptions) -> ViewData:
-    """Reads one user view with :func:`midi.data.dataset.read_view` (padded to square, resized).
-
-    Raises:
-        DataError: Unreadable image or id map, or different sizes.
-    """
+    """Reads one user view with :func:`midi.data.dataset.read_view` (padded to square, resized; DataError: unreadable
+    image or id map, or different sizes)."""
     rgb, labels = read_view(image, idmap, None, options.image_size, options.background)
-    source = {"rendered": False, "image": str(image), "id_map": str(idmap)}
-    return ViewData(to_uint8(rgb), labels.astype(np.int32), None, source)
+    return ViewData(to_uint8(rgb), labels.astype(np.int32), None,
+                    {"rendered": False, "image": str(image), "id_map": str(idmap)})
 
 
 def build_front_content(job: SceneJob, options: PrepareOptions) -> SceneContent:
@@ -279,8 +262,7 @@ def build_front_content(job: SceneJob, options: PrepareOptions) -> SceneContent:
     Raises:
         DataError: Missing/unreadable surfaces, too few points, no views, bad labels.
     """
-    root = Path(job.path)
-    names = list(job.names)
+    root, names = Path(job.path), list(job.names)
     views = [load_view(img, idm, options) for img, idm, _ in front3d.room_views(root, job.room)]
     if not views:
         raise DataError(f"{layout.RENDER_DIR}/{job.room}: no render with a semantic id map")
@@ -293,11 +275,8 @@ def build_front_content(job: SceneJob, options: PrepareOptions) -> SceneContent:
     safe = unique_names(safe_name(n, "object") for n in names)
     # In float32, the surfaces' own precision (float64 would round differently from earlier runs).
     center = np.asarray(norm.center, np.float32)
-    objects = [
-        ObjectData(s, f"{layout.SURFACE_DIR}/{job.room}/{n}.npy", ((p - center) * norm.scale).astype(np.float32),
-                   nrm.copy())
-        for s, n, (p, nrm) in zip(safe, names, surfaces)
-    ]
+    objects = [ObjectData(s, f"{layout.SURFACE_DIR}/{job.room}/{n}.npy", ((p - center) * norm.scale).astype(np.float32),
+                          nrm.copy()) for s, n, (p, nrm) in zip(safe, names, surfaces)]
     objects, views, dropped = drop_unseen(objects, safe, views, 1, "in no id map")
     source = {"kind": layout.FRONT3D, "path": str(root), "room": job.room}
     return SceneContent(objects, views, norm.to_json() | {"note": note}, source, dropped)

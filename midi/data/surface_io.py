@@ -67,12 +67,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def save_surface(path: str | Path, points: np.ndarray, normals: np.ndarray) -> None:
-    """Writes one object's surface samples atomically; the format follows the suffix.
-
-    Args:
-        path: Target ``.npy`` (MIDI dict format) or ``.npz``.
-        points: (P, 3) positions.
-        normals: (P, 3) unit normals.
+    """Writes one object's (P, 3) points and unit normals atomically as ``.npy`` (MIDI dict) or ``.npz`` (by suffix).
 
     Raises:
         DataError: Bad shapes or suffix.
@@ -89,13 +84,9 @@ def save_surface(path: str | Path, points: np.ndarray, normals: np.ndarray) -> N
 
 
 def load_surface(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Reads one object's surface samples without ever running code from the file.
+    """Reads one object's surface samples, ``(points, normals)`` (P, 3) float32, never running code from the file.
 
-    Args:
-        path: A ``.npy`` (dict saved by numpy, or a plain (P, 6) array) or ``.npz`` file.
-
-    Returns:
-        ``(points, normals)``, both (P, 3) float32.
+    ``path``: a ``.npy`` (dict saved by numpy, or a plain (P, 6) array) or ``.npz`` file.
 
     Raises:
         DataError: Missing or unreadable file, a pickle referencing anything but numpy arrays,
@@ -127,12 +118,10 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 def _load_npy(path: Path) -> dict[str, np.ndarray]:
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
+        header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in header:
             raise DataError(f"{path}: unsupported .npy version {version}")
+        _, _, dtype = header[version](f)
         if not dtype.hasobject:
             return _split_plain_array(np.load(path, allow_pickle=False), path)
         obj = _RestrictedUnpickler(f, encoding="latin1").load()

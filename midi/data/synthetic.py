@@ -53,12 +53,7 @@ def _torus(major: float, rng: np.random.Generator) -> trimesh.Trimesh:
 
 
 def make_primitive(kind: str, rng: np.random.Generator) -> trimesh.Trimesh:
-    """One primitive of random size, turned randomly about +Y, standing on y = 0, centred in x/z.
-
-    Args:
-        kind: One of :data:`PRIMITIVES`.
-        rng: Random generator.
-    """
+    """One primitive of :data:`PRIMITIVES` of random size and turn about +Y, standing on y = 0, centred in x/z."""
     mesh = _MAKERS[kind](rng)
     mesh.apply_transform(_Z_TO_Y)
     mesh.apply_transform(trimesh.transformations.rotation_matrix(rng.uniform(0, 2 * math.pi), [0, 1, 0]))
@@ -75,10 +70,7 @@ def footprint_radius(mesh: trimesh.Trimesh) -> float:
 def place_on_floor(radii: list[float], rng: np.random.Generator, gap: float = FOOTPRINT_GAP) -> np.ndarray:
     """Finds x/z positions whose footprint circles do not overlap (rejection sampling).
 
-    The placement square grows whenever 200 draws fail, so this always terminates.
-
-    Returns:
-        (N, 2) positions in the order of ``radii``.
+    The placement square grows whenever 200 draws fail, so this always terminates. Returns (N, 2) positions.
     """
     half = max(1.0, 0.8 * math.sqrt(sum(r * r for r in radii)) + max(radii))
     while True:
@@ -102,16 +94,9 @@ def _draw_spot(placed: list[np.ndarray], radii: list[float], r: float, half: flo
     return None
 
 
-def make_synthetic_scene(
-    seed: int, min_objects: int = 2, max_objects: int = 5, kinds: tuple[str, ...] = PRIMITIVES
-) -> list[tuple[str, trimesh.Trimesh]]:
-    """Makes one seeded scene of primitives standing on the floor (y = 0) without overlap.
-
-    Args:
-        seed: Scene seed (same seed, same scene).
-        min_objects: Fewest objects.
-        max_objects: Most objects.
-        kinds: Primitive kinds to draw from.
+def make_synthetic_scene(seed: int, min_objects: int = 2, max_objects: int = 5,
+                         kinds: tuple[str, ...] = PRIMITIVES) -> list[tuple[str, trimesh.Trimesh]]:
+    """Makes one seeded scene of primitives (of ``kinds``) standing on the floor (y = 0) without overlap.
 
     Returns:
         ``[(name, mesh), ...]`` with names like ``box_0``, in the world frame (not normalised).
@@ -151,7 +136,5 @@ def build_synthetic_content(job: SceneJob, options: PrepareOptions) -> SceneCont
 
 def synthetic_jobs(num_scenes: int, seed: int = 0, start: int = 0) -> list[SceneJob]:
     """Jobs for synthetic scenes ``start .. start+num_scenes-1`` (ids ``synthetic_00000``...)."""
-    return [
-        SceneJob(f"synthetic_{i:05d}", "synthetic", seed=scene_seed(seed, i))
-        for i in range(start, start + num_scenes)
-    ]
+    return [SceneJob(f"synthetic_{i:05d}", "synthetic", seed=scene_seed(seed, i))
+            for i in range(start, start + num_scenes)]

@@ -37,11 +37,7 @@ SINGLE_MESH_FORMATS = ("ply", "stl")
 
 
 def output_format(path: str | os.PathLike) -> str:
-    """The mesh format named by ``path``'s extension.
-
-    Raises:
-        InputError: not one of :data:`MESH_FORMATS`.
-    """
+    """The mesh format named by ``path``'s extension (InputError: not one of :data:`MESH_FORMATS`)."""
     ext = Path(path).suffix.lower().lstrip(".")
     if ext not in MESH_FORMATS:
         raise InputError(f"unsupported output format {('.' + ext) if ext else '(no extension)'}; "
@@ -98,12 +94,9 @@ def save_outputs(result: SceneResult, output: Path, save_instances: bool = False
                  preview_size: int = 384) -> list[Path]:
     """Writes the scene file, optionally ``<stem>_<name>.<ext>`` per instance, and ``<stem>.png``.
 
-    All-or-nothing: a failure leaves none of the files (a preview that cannot be *rendered* is only
-    a warning).
-
-    Raises:
-        InputError: no instance has a surface (nothing is written).
-        OutputError: a file could not be encoded or written (``"<file>: <reason>"``; nothing is left).
+    All-or-nothing: a failure leaves none of the files (a preview that cannot be *rendered* is only a
+    warning). Raises InputError when no instance has a surface (nothing is written), OutputError when a
+    file could not be encoded or written (``"<file>: <reason>"``; nothing is left).
     """
     fmt = output_format(output)
     if not any(m is not None for m in result.meshes):
@@ -111,7 +104,7 @@ def save_outputs(result: SceneResult, output: Path, save_instances: bool = False
                          path=result.scene.seg_path)
     scene = build_trimesh_scene(result)
     files: list[tuple[Path, bytes]] = []
-    path = output
+    path = output  # the file being encoded, for the error
     try:
         if save_instances:
             for name, geometry in scene.geometry.items():

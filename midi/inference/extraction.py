@@ -2,32 +2,22 @@
 
 Both methods evaluate the VAE decoder (positive inside, surface at 0) on points of the same
 ``(2^depth + 1)^3`` grid over ``bbox`` (:func:`midi.pipelines.pipeline_midi.generate_dense_grid_points`) and run
-:func:`marching_cubes_mesh` on the full grid, so smoothing and vertex mapping are the
-upstream ones in both cases.
+:func:`marching_cubes_mesh` on the full grid, so smoothing and vertex mapping are upstream's in both.
 
 - ``dense`` decodes every grid point with ``pipe.decode_latents`` (optionally upstream's
   progressive re-decode on per-instance boxes).
-- ``coarse_to_fine`` decodes the grid at ``coarse_depth`` (every ``2^(depth - coarse_depth)``-th
-  point per axis), marks the cells whose corner values straddle 0, dilates them by ``dilation``
-  cells, and refines only those cells one level at a time until ``depth``. Points that are never
-  decoded get the trilinear interpolation of the coarser level: a cell with no sign change at its
-  corners keeps one sign everywhere inside, so marching cubes finds no surface there, and near
-  the surface every value is a decoded one. The result equals the dense mesh wherever the
-  surface passes through a cell with a sign change at ``coarse_depth``. A part that fits between
-  coarse grid points without touching them (thinner than about ``bbox_size / 2^coarse_depth``,
-  e.g. a chair leg) would be missed by sign changes alone, so cells with a corner within
-  ``band_cells`` cells of the surface are refined too, "distance" being the corner value divided
-  by the field's median slope across sign changes. For a distance-like field (an SDF; a smooth
-  field is close to linear near its surface) this catches every part within ``band_cells``
-  coarse cells of a coarse grid point; a part farther than that from every coarse grid point and
-  from the rest of the surface is still missed. Measured agreement with dense extraction, verified
-  only on analytic fields and on the tiny random model, not on the released MIDI-3D weights:
-  analytic fields (sphere at depth 7: same vertex count, vertices within 1e-6; thin rod with the
-  default band: largest nearest-vertex distance < 1e-6; table legs in ``bench/bench_extraction.py``)
-  give the same mesh; the tiny model's rough random field (depth 5, coarse depth 3) only agrees
-  within one fine cell (largest nearest-vertex distance either way <= ``bbox_size / 2^depth``),
-  see ``tests/inference/test_extraction.py``. Trained weights are expected to behave like the smooth fields,
-  but no equality is claimed for them; use ``dense`` to reproduce upstream exactly.
+- ``coarse_to_fine`` decodes the grid at ``coarse_depth``, marks the cells whose corners straddle 0
+  (dilated by ``dilation`` cells) and refines only those, one level at a time, until ``depth``.
+  Points never decoded get the trilinear interpolation of the coarser level: a cell without a sign
+  change keeps one sign inside, so marching cubes finds no surface there, and near the surface every
+  value is decoded. A part thinner than about ``bbox_size / 2^coarse_depth`` (a chair leg) can miss
+  every coarse point, so cells with a corner within ``band_cells`` cells of 0 are refined too
+  ("distance" = corner value / the field's median slope across sign changes); for a distance-like
+  field that catches every part within ``band_cells`` coarse cells of a coarse point or the rest of
+  the surface. Verified only on analytic fields and the tiny random model, not on the released
+  weights: analytic fields (sphere, thin rod, table legs in ``bench/bench_extraction.py``) give the
+  dense mesh (vertices within 1e-6); the tiny model's rough field agrees within one fine cell
+  (``tests/inference/test_extraction.py``). Use ``dense`` to reproduce upstream exactly.
 
 Decoder queries are counted by wrapping ``vae.decode`` (:func:`count_decoder_queries`).
 
@@ -141,8 +131,7 @@ def vae_field(vae, latent: torch.Tensor, num_chunks: int) -> FieldFn:
 
 def grid_axes(bbox_min: Sequence[float], bbox_max: Sequence[float], depth: int) -> list[np.ndarray]:
     """The per-axis coordinates of the dense grid (exactly those of ``generate_dense_grid_points``)."""
-    n = 2**depth + 1
-    return [np.linspace(bbox_min[i], bbox_max[i], n, dtype=np.float32) for i in range(3)]
+    return [np.linspace(bbox_min[i], bbox_max[i], 2**depth + 1, dtype=np.float32) for i in range(3)]
 
 
 def _points(axes: list[np.ndarray], index: tuple[np.ndarray, ...], stride: int) -> torch.Tensor:
@@ -180,16 +169,15 @@ def _cell_corners(cells: np.ndarray) -> np.ndarray:
 
 def _upsample(values: np.ndarray) -> np.ndarray:
     """Trilinear upsampling from ``m`` to ``2m - 1`` points per axis (old points kept exactly)."""
-    size = [2 * s - 1 for s in values.shape]
-    volume = torch.from_numpy(values)[None, None]
-    return F.interpolate(volume, size=size, mode="trilinear", align_corners=True)[0, 0].numpy()
+    return F.interpolate(torch.from_numpy(values)[None, None], size=[2 * s - 1 for s in values.shape],
+                         mode="trilinear", align_corners=True)[0, 0].numpy()
 
 
 def _near_cells(values: np.ndarray, level: float, band_cells: float) -> np.ndarray:
     """Cells with a corner within ``band_cells`` cells of ``level``, judging distance by the field's
     median slope across sign changes (exact for a distance-like field; catches thin parts)."""
-    slopes = [np.abs(np.diff(values, axis=a))[np.diff(np.sign(values - level), axis=a) != 0] for a in range(3)]
-    slopes = np.concatenate(slopes)
+    slopes = np.concatenate([np.abs(np.diff(values, axis=a))[np.diff(np.sign(values - level), axis=a) != 0]
+                             for a in range(3)])
     if slopes.size == 0:
         return np.zeros(tuple(s - 1 for s in values.shape), bool)
     near = np.abs(values - level) <= band_cells * float(np.median(slopes))
@@ -210,16 +198,9 @@ def _refine_masks(values: np.ndarray, known: np.ndarray, dilation: int, level: f
     return fine_known, _cell_corners(fine_cells) & ~fine_known
 
 
-def coarse_to_fine_values(
-    field_fn: FieldFn,
-    bbox_min: Sequence[float],
-    bbox_max: Sequence[float],
-    depth: int,
-    coarse_depth: int = 5,
-    dilation: int = 1,
-    level: float = 0.0,
-    band_cells: float = 0.0,
-) -> tuple[np.ndarray, int]:
+def coarse_to_fine_values(field_fn: FieldFn, bbox_min: Sequence[float], bbox_max: Sequence[float], depth: int,
+                          coarse_depth: int = 5, dilation: int = 1, level: float = 0.0,
+                          band_cells: float = 0.0) -> tuple[np.ndarray, int]:
     """Field values on the full ``(2^depth + 1)^3`` grid over the box, decoding only near the surface.
 
     The grid at ``coarse_depth`` (clamped to ``depth``) is decoded fully; the other arguments are
@@ -269,18 +250,13 @@ def marching_cubes_mesh(values: np.ndarray | torch.Tensor, grid_size: Sequence[i
     return trimesh.Trimesh(verts.astype(np.float32), np.ascontiguousarray(faces))
 
 
-def mesh_from_values(values: np.ndarray | torch.Tensor, grid_size: Sequence[int], bbox_min: np.ndarray,
-                     bbox_size: np.ndarray, config: ExtractionConfig) -> trimesh.Trimesh | None:
-    """:func:`marching_cubes_mesh` at level 0 with the configured smoothing and vertex mapping."""
-    return marching_cubes_mesh(values, grid_size, bbox_min, bbox_size, smooth=config.smooth,
+def _surface(config: ExtractionConfig, values, grid_size, bbox_min, bbox_size, queries: int, start: float) -> Surface:
+    """:func:`marching_cubes_mesh` at level 0 with the configured smoothing and mapping, timed from ``start``."""
+    mesh = marching_cubes_mesh(values, grid_size, bbox_min, bbox_size, smooth=config.smooth,
                                vertex_mapping=config.vertex_mapping)
-
-
-def _finish(mesh: trimesh.Trimesh | None, queries: int, start: float) -> Surface:
-    problem = None
     if mesh is None or len(mesh.faces) == 0:
-        mesh, problem = None, NO_SURFACE
-    return Surface(mesh, queries, time.perf_counter() - start, problem)
+        return Surface(None, queries, time.perf_counter() - start, NO_SURFACE)
+    return Surface(mesh, queries, time.perf_counter() - start)
 
 
 def extract_coarse_to_fine(vae, latent: torch.Tensor, config: ExtractionConfig) -> Surface:
@@ -290,8 +266,7 @@ def extract_coarse_to_fine(vae, latent: torch.Tensor, config: ExtractionConfig) 
     values, queries = coarse_to_fine_values(vae_field(vae, latent, config.num_chunks), bbox_min, bbox_max,
                                             config.octree_depth, config.coarse_depth, config.dilation,
                                             band_cells=config.band_cells)
-    mesh = mesh_from_values(values, values.shape, bbox_min, bbox_max - bbox_min, config)
-    return _finish(mesh, queries, start)
+    return _surface(config, values, values.shape, bbox_min, bbox_max - bbox_min, queries, start)
 
 
 def extract_dense(pipe, latent: torch.Tensor, config: ExtractionConfig) -> Surface:
@@ -301,8 +276,7 @@ def extract_dense(pipe, latent: torch.Tensor, config: ExtractionConfig) -> Surfa
         values, grid_sizes, bbox_sizes, bbox_mins, _ = pipe.decode_latents(
             latent[None] if latent.ndim == 2 else latent, octree_depth=config.octree_depth,
             num_chunks=config.num_chunks, bbox_min=config.bbox_min, bbox_max=config.bbox_max)
-    mesh = mesh_from_values(values[0], grid_sizes[0], bbox_mins[0], bbox_sizes[0], config)
-    return _finish(mesh, counter[0], start)
+    return _surface(config, values[0], grid_sizes[0], bbox_mins[0], bbox_sizes[0], counter[0], start)
 
 
 def extract_dense_progressive(pipe, latents: torch.Tensor, config: ExtractionConfig) -> list[Surface]:
@@ -312,15 +286,10 @@ def extract_dense_progressive(pipe, latents: torch.Tensor, config: ExtractionCon
         values, grid_sizes, bbox_sizes, bbox_mins, _ = pipe.decode_latents(
             latents, decode_progressive=True, octree_depth=config.octree_depth, num_chunks=config.num_chunks,
             bbox_min=config.bbox_min, bbox_max=config.bbox_max)
-    decode_share = (time.perf_counter() - start) / len(latents)
-    surfaces = []
-    for i in range(len(latents)):
-        t = time.perf_counter()
-        mesh = mesh_from_values(values[i], grid_sizes[i], bbox_mins[i], bbox_sizes[i], config)
-        surface = _finish(mesh, counter[0] // len(latents), t)
-        surface.seconds += decode_share
-        surfaces.append(surface)
-    return surfaces
+    n = len(latents)
+    share = (time.perf_counter() - start) / n  # each instance: its marching cubes + a share of the decoding
+    return [_surface(config, values[i], grid_sizes[i], bbox_mins[i], bbox_sizes[i], counter[0] // n,
+                     time.perf_counter() - share) for i in range(n)]
 
 
 def extract_surfaces(pipe, latents: torch.Tensor, config: ExtractionConfig,

@@ -10,6 +10,7 @@ the same path for callers that hold a pipeline already (the training previews).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -27,7 +28,7 @@ from midi.config import DEFAULT_MODEL_DIR, is_tiny
 from midi.errors import AdapterError, InputError, OutOfMemory
 from midi.inference.extraction import ExtractionConfig, Surface, extract_surfaces
 from midi.inference.scene import SceneInput
-from midi.lora import LoadedAdapter, apply_lora, merge_lora, read_lora
+from midi.lora import LoadedAdapter, load_adapter, merge_lora, read_lora
 from midi.tiny import load_pipeline, mi_blocks_for
 
 logger = logging.getLogger(__name__)
@@ -83,9 +84,7 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
         raise InputError(f"--device {device}: {exc}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    if dtype == "auto":
-        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return dev, DTYPES[dtype]
+    return dev, DTYPES[dtype] if dtype != "auto" else torch.bfloat16 if dev.type == "cuda" else torch.float32
 
 
 def _install_lora(pipe, adapter: LoadedAdapter, mi_blocks: list[str], alpha: float | None) -> str:
@@ -98,18 +97,13 @@ def _install_lora(pipe, adapter: LoadedAdapter, mi_blocks: list[str], alpha: flo
                        "pass --lora_alpha if it was trained with another alpha", adapter.source,
                        ", ".join(map(str, ranks)))
     try:
-        apply_lora(pipe, adapter, mi_blocks)
+        load_adapter(pipe, adapter, mi_blocks)
     except AdapterError:
         raise
     except (ValueError, KeyError, TypeError, OSError) as exc:  # e.g. PEFT refusing a config
         raise InputError(f"LoRA does not fit the model ({type(exc).__name__}: {exc})", path=adapter.source) from None
     alphas = sorted({c["lora_alpha"] for c in adapter.lora_configs.values()})
     return f"LoRA {adapter.source} ({adapter.format}, {', '.join(adapter.lora_configs)}, rank {ranks}, alpha {alphas})"
-
-
-def _needs_cast(pipe, dtype: torch.dtype) -> bool:
-    """Whether any base (non-LoRA) weight of the models is not in ``dtype``."""
-    return any(p.dtype != dtype for m in MODELS for n, p in getattr(pipe, m).named_parameters() if "lora_" not in n)
 
 
 def build_pipeline(options: ModelOptions) -> LoadedPipeline:
@@ -136,15 +130,13 @@ def build_pipeline(options: ModelOptions) -> LoadedPipeline:
             raise InputError(f"--mi_blocks: {exc}") from None
     else:
         description += ", " + _install_lora(pipe, adapter, mi_blocks, options.lora_alpha)
-        scale = options.lora_scale
         if options.merge_lora:
-            layers = merge_lora(pipe, options.lora_scale)
-            description += f", merged at scale {options.lora_scale} ({layers} layers)"
-            scale = None
+            description += f", merged at scale {options.lora_scale} ({merge_lora(pipe, options.lora_scale)} layers)"
         else:
-            description += f", scale {options.lora_scale}"
-    if _needs_cast(pipe, dtype):  # only when needed: diffusers warns on every dtype cast
-        pipe.to(dtype=dtype)
+            scale = options.lora_scale
+            description += f", scale {scale}"
+    if any(p.dtype != dtype for m in MODELS for n, p in getattr(pipe, m).named_parameters() if "lora_" not in n):
+        pipe.to(dtype=dtype)  # only when a base (non-LoRA) weight needs it: diffusers warns on every dtype cast
     pipe.to(device=device)
     for name in MODELS:
         getattr(pipe, name).eval()  # PEFT adds its LoRA modules (dropout included) in training mode
@@ -200,9 +192,8 @@ def eval_mode(pipe) -> Iterator[None]:
 @contextlib.contextmanager
 def _encoder_lora_scale(pipe, scale: float | None) -> Iterator[None]:
     """Scales the image encoders' LoRA layers for one call (attention_kwargs only reaches the transformer)."""
-    encoders = [m for m in (pipe.image_encoder_1, pipe.image_encoder_2) if getattr(m, "peft_config", None)]
-    if scale is None or scale == 1.0:
-        encoders = []
+    encoders = [m for m in (pipe.image_encoder_1, pipe.image_encoder_2)
+                if getattr(m, "peft_config", None) and scale not in (None, 1.0)]
     for model in encoders:
         scale_lora_layers(model, scale)
     try:
@@ -220,9 +211,7 @@ def generate_latents(pipe, images: Sequence[Image.Image], masks: Sequence[Image.
 
     ``seed < 0`` draws unseeded noise; ``lora_scale`` scales an unmerged LoRA (None: none or merged).
     """
-    attention_kwargs: dict[str, Any] = {"num_instances": len(images)}
-    if lora_scale is not None:
-        attention_kwargs["scale"] = lora_scale
+    attention_kwargs = {"num_instances": len(images), **({} if lora_scale is None else {"scale": lora_scale})}
     generator = torch.Generator(device=pipe.device).manual_seed(seed) if seed >= 0 else None
     pipe.set_progress_bar_config(desc="denoising", disable=not progress, leave=False)
     with _encoder_lora_scale(pipe, lora_scale):
@@ -236,9 +225,7 @@ def _extract(pipe, latents: torch.Tensor, config: ExtractionConfig, progress: bo
     """One :class:`Surface` per latent ``(N, T, C)``, decoded in the VAE's own dtype outside autocast
     (under a training loop's bf16 autocast the field would lose its sign near the surface)."""
 
-    def bar(items):
-        return tqdm(items, desc=f"extracting ({config.method})", unit="instance", disable=not progress, leave=False)
-
+    bar = functools.partial(tqdm, desc=f"extracting ({config.method})", unit="instance", disable=not progress, leave=False)
     with torch.no_grad(), torch.autocast(pipe.device.type, enabled=False):
         return extract_surfaces(pipe, latents.to(pipe.vae.dtype), config, progress=bar)
 
@@ -258,14 +245,12 @@ def run_scene(loaded: LoadedPipeline, scene: SceneInput, options: GenerationOpti
     Raises:
         OutOfMemory: the device or host ran out of memory (``stage`` names the step).
     """
-    start = time.perf_counter()
-    stage = "denoising"
+    start, stage = time.perf_counter(), "denoising"
     try:
         latents = generate_latents(loaded.pipe, *scene.conditions(), num_inference_steps=options.num_inference_steps,
                                    guidance_scale=options.guidance_scale, seed=options.seed,
                                    lora_scale=loaded.lora_scale, progress=options.progress)
-        denoised = time.perf_counter()
-        stage = "surface extraction"
+        denoised, stage = time.perf_counter(), "surface extraction"
         surfaces = _extract(loaded.pipe, latents, options.extraction, options.progress)
     except Exception as exc:
         if not is_out_of_memory(exc):

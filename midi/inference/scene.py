@@ -1,20 +1,17 @@
 """A scene's inputs: the RGB image and its instance map, read, checked, padded and named.
 
-The image and the map are decoded by :mod:`midi.data.images` (the one reader, shared with the
-data tools and training), so a map gives the same instances in the same order everywhere.
+The image and the map are decoded by :mod:`midi.data.images` (the one reader, shared with the data
+tools and training), so a map gives the same instances in the same order everywhere. That order
+decides which noise row each instance gets (reproducibility): the reader's documented one, ascending
+label (RGB maps by palette index, else luminance). ``order="upstream"`` reproduces upstream's
+grey-level order only: an RGBA image is still composited on white unless ``rgba="upstream"`` (CLI
+``--rgba upstream``) drops the alpha channel as upstream does (transparent pixels keep their colour).
 
-Instance order decides which noise row each instance gets, so it matters for reproducibility; it
-is the reader's documented order (:mod:`midi.data.images`: ascending label; RGB maps by palette
-index, else luminance). ``order="upstream"`` reproduces upstream's grey-level order only: an RGBA
-image is still composited on white unless ``rgba="upstream"`` (CLI ``--rgba upstream``) drops
-the alpha channel as upstream does (transparent pixels then keep their stored colour).
-
-Non-square images are centred on a white square (the processors centre-crop, and upstream's
-mask channel is resized without the crop, so a non-square frame would lose and misalign
-instances); ``do_image_padding`` applies upstream's padding instead (width/height swap fixed).
-
-Node names are ``instance_<label>`` (label value, or the hex colour ``rrggbb`` for RGB maps), or
-the names given in a JSON mapping ``{"<label>": "name"}``.
+Non-square images are centred on a white square (the processors centre-crop, and upstream's mask
+channel is resized without the crop, so a non-square frame would lose and misalign instances);
+``do_image_padding`` applies upstream's padding instead (width/height swap fixed). Node names are
+``instance_<label>`` (label value, or the hex colour ``rrggbb`` for RGB maps), or the names given in
+a JSON mapping ``{"<label>": "name"}``.
 """
 
 from __future__ import annotations
@@ -31,18 +28,7 @@ import numpy as np
 from PIL import Image
 
 from midi.config import RGB_SUFFIXES
-from midi.data.images import (
-    IdMap,
-    Instance,
-    InstanceOrder,
-    conditions_to_pil,
-    instance_images,
-    pad_to_square,
-    read_id_map,
-    read_rgb,
-    to_uint8,
-    upstream_padding,
-)
+from midi.data import images
 from midi.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -57,7 +43,7 @@ class SceneInput:
     rgb_path: Path
     seg_path: Path
     rgb: Image.Image
-    segmentation: IdMap
+    segmentation: images.IdMap
 
     @property
     def names(self) -> list[str]:
@@ -68,15 +54,12 @@ class SceneInput:
         (0/255), then the full RGB."""
         rgb = np.asarray(self.rgb, np.float32) / 255.0  # (H, W, 3)
         labels = [inst.label for inst in self.segmentation.instances]
-        return conditions_to_pil(*instance_images(rgb, self.segmentation.labels, labels), rgb)
+        return images.conditions_to_pil(*images.instance_images(rgb, self.segmentation.labels, labels), rgb)
 
 
 def read_label_names(path: str | os.PathLike) -> dict[str, str]:
-    """Reads ``{"<label>": "name"}`` (label as in the map: ``"3"``, or ``"ff0000"``/``"#ff0000"``).
-
-    Raises:
-        InputError: unreadable file, not a JSON object of strings.
-    """
+    """Reads ``{"<label>": "name"}`` (label as in the map: ``"3"``, or ``"ff0000"``/``"#ff0000"``);
+    InputError for an unreadable file or one that is not a JSON object of strings."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -87,7 +70,8 @@ def read_label_names(path: str | os.PathLike) -> dict[str, str]:
     return {str(k).lower().lstrip("#"): v for k, v in data.items()}
 
 
-def name_instances(instances: Sequence[Instance], names: dict[str, str] | None, names_path: Path | None) -> None:
+def name_instances(instances: Sequence[images.Instance], names: dict[str, str] | None,
+                   names_path: Path | None) -> None:
     """Sets each instance's name; raises InputError when two instances would share one."""
     seen: dict[str, str] = {}
     for inst in instances:
@@ -101,7 +85,7 @@ def name_instances(instances: Sequence[Instance], names: dict[str, str] | None, 
 class InputOptions:
     """How to read a scene's inputs (see :func:`prepare_scene`)."""
 
-    order: InstanceOrder = "default"
+    order: images.InstanceOrder = "default"
     do_image_padding: bool = False
     max_instances: int = DEFAULT_MAX_INSTANCES
     min_pixels: int | None = None
@@ -111,17 +95,14 @@ class InputOptions:
 
 def prepare_scene(rgb_path: str | os.PathLike, seg_path: str | os.PathLike, options: InputOptions,
                   log_notes: bool = True) -> SceneInput:
-    """Reads, checks, pads and names one scene's inputs.
+    """Reads, checks, pads and names one scene's inputs. Notes (ignored fringe colours, merged grey
+    levels, square padding) are kept in ``scene.segmentation.notes`` and logged when ``log_notes``.
 
-    Notes (ignored fringe colours, merged grey levels, square padding) are kept in
-    ``scene.segmentation.notes`` and logged when ``log_notes``.
-
-    Raises:
-        InputError: unreadable files, different sizes, no instance, too many instances, bad names.
+    Raises InputError for unreadable files, different sizes, no instance, too many instances, bad names.
     """
     rgb_path, seg_path = Path(rgb_path), Path(seg_path)
-    rgb = read_rgb(rgb_path, rgba="upstream" if options.rgba == "upstream" else "composite")
-    seg = read_id_map(seg_path, order=options.order, min_pixels=options.min_pixels)
+    rgb = images.read_rgb(rgb_path, rgba="upstream" if options.rgba == "upstream" else "composite")
+    seg = images.read_id_map(seg_path, order=options.order, min_pixels=options.min_pixels)
     if rgb.shape[:2] != seg.labels.shape:
         (h, w), (rh, rw) = seg.labels.shape, rgb.shape[:2]
         raise InputError(f"size {w}x{h} differs from the image {rgb_path.name} ({rw}x{rh})", path=seg_path)
@@ -133,21 +114,18 @@ def prepare_scene(rgb_path: str | os.PathLike, seg_path: str | os.PathLike, opti
     names = read_label_names(options.label_names) if options.label_names else None
     name_instances(seg.instances, names, options.label_names)
     if options.do_image_padding:
-        rgb, seg.labels = upstream_padding(rgb, seg.labels)
+        rgb, seg.labels = images.upstream_padding(rgb, seg.labels)
     elif rgb.shape[0] != rgb.shape[1]:
         seg.notes.append(f"{rgb_path.name}: {rgb.shape[1]}x{rgb.shape[0]} is not square; centred on a white square")
-        rgb, seg.labels = pad_to_square(rgb, 1.0), pad_to_square(seg.labels, 0)
+        rgb, seg.labels = images.pad_to_square(rgb, 1.0), images.pad_to_square(seg.labels, 0)
     for note in seg.notes if log_notes else ():
         logger.info("%s", note)
-    return SceneInput(rgb_path, seg_path, Image.fromarray(to_uint8(rgb)), seg)
+    return SceneInput(rgb_path, seg_path, Image.fromarray(images.to_uint8(rgb)), seg)
 
 
 def find_pairs(input_dir: str | os.PathLike) -> list[tuple[str, Path, Path]]:
-    """``(name, X_rgb.*, X_seg.*)`` for every pair in a folder, sorted by name.
-
-    Raises:
-        InputError: missing folder, an image without its seg map, or no pair at all.
-    """
+    """``(name, X_rgb.*, X_seg.*)`` for every pair in a folder, sorted by name; InputError for a
+    missing folder, an image without its seg map, or no pair at all."""
     folder = Path(input_dir)
     if not folder.is_dir():
         raise InputError("input folder not found", path=folder)
