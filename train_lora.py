@@ -235,7 +235,7 @@ def count_nonfinite(r: Run, state: TrainerState, skipped: bool) -> None:
 
 
 def on_step_end(r: Run, state: TrainerState, meter: ThroughputMeter, grad_norm: float) -> None:
-    """Logging, validation, previews and checkpoints on their cadences."""
+    """Logging, validation, previews, scene metrics and checkpoints on their cadences."""
     cfg, step = r.cfg, state.global_step
     if step % cfg.logging.log_every_n_steps == 0 or step == r.max_steps:
         log_metrics(r, state, meter, grad_norm)
@@ -244,6 +244,8 @@ def on_step_end(r: Run, state: TrainerState, meter: ThroughputMeter, grad_norm: 
         validate(r, state)
     if v.preview_every_n_steps and v.num_preview_scenes and (step % v.preview_every_n_steps == 0 or last):
         preview(r, step)
+    if v.metrics_every_n_steps and (step % v.metrics_every_n_steps == 0 or last):
+        scene_metrics(r, step)
     if step % cfg.checkpointing.every_n_steps == 0 or last:
         r.checkpoints.save(state)
     meter.start += time.perf_counter() - start  # throughput counts training time only
@@ -285,6 +287,23 @@ def preview(r: Run, step: int) -> None:
             images = validation.write_previews(r.pipe, r.val_set.records, r.val_set.settings, r.cfg, step,
                                                r.output_dir)
         validation.log_images(acc, images, step)
+    acc.wait_for_everyone()
+
+
+def scene_metrics(r: Run, step: int) -> None:
+    """evaluate.py's scene metrics of a few generated val scenes, on the main process (the others wait)."""
+    acc = r.accelerator
+    if acc.distributed_type == "FSDP":
+        logger.info("step %d: scene metrics skipped under FSDP (the model is sharded across processes)", step)
+        return
+    if acc.is_main_process:
+        with acc.autocast():  # generate_meshes runs the models in eval mode and restores their modes
+            values = validation.scene_metrics(r.pipe, r.val_set.records, r.val_set.settings, r.cfg)
+        if values:
+            acc.log({f"val/{k}": x for k, x in values.items()}, step=step)
+            logger.info("step %d: scene metrics %s", step, ", ".join(f"{k} {x:.4f}" for k, x in values.items()))
+        else:
+            logger.warning("step %d: scene metrics: no val scene could be scored", step)
     acc.wait_for_everyone()
 
 

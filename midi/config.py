@@ -231,21 +231,29 @@ class CheckpointingConfig:
 
 @dataclass
 class ValidationConfig:
-    """Validation loss and preview generation."""
+    """Validation loss, preview generation and scene metrics."""
 
     every_n_steps: int = _field(500, "validation loss every N steps and at the end (0 = off); the best one is "
                                      "exported to `best/`", ge=0)
     num_scenes: int = _field(8, "validation scenes (the first N of data.val_split)", ge=1)
     sigmas: list[float] = _field([0.1, 0.3, 0.5, 0.7, 0.9], "fixed noise levels; with fixed noise and the posterior "
                                                             "mean the number is deterministic")
-    seed: int = _field(0, "seed of the validation noise (the same every time)")
+    seed: int = _field(0, "seed of the validation noise, and of the scene metrics' generations and point samples (the "
+                          "same every time)")
     preview_every_n_steps: int = _field(1000, "generate meshes for a few val scenes every N steps and at the end (0 ="
                                               " off)", ge=0)
     num_preview_scenes: int = _field(2, "scenes generated for previews", ge=0)
-    num_inference_steps: int = _field(50, "sampler steps of the previews", ge=1)
-    guidance_scale: float = _field(7.0, "classifier-free guidance of the previews", ge=0)
-    octree_depth: int = _field(8, "decoding grid, 2^depth + 1 points per axis (8 is the inference default; lower is "
-                                  "faster)", ge=2, le=10)
+    metrics_every_n_steps: int = _field(0, "log `val/scene_fscore`, `val/scene_cd`, `val/object_fscore`, "
+                                           "`val/iou_bbox` (evaluate.py's scoring: ICP, tau 0.1) of generated val "
+                                           "scenes every N steps and at the end (0 = off; costs one generation per "
+                                           "scene)", ge=0)
+    metrics_num_scenes: int = _field(4, "val scenes generated and scored for the scene metrics (the first N)", ge=1)
+    metrics_num_points: int = _field(20480, "points per instance sampled on generated and gt surfaces for the scene "
+                                            "metrics (evaluate.py --num_points)", ge=1)
+    num_inference_steps: int = _field(50, "sampler steps of the previews and scene metrics", ge=1)
+    guidance_scale: float = _field(7.0, "classifier-free guidance of the previews and scene metrics", ge=0)
+    octree_depth: int = _field(8, "decoding grid of the previews and scene metrics, 2^depth + 1 points per axis (8 "
+                                  "is the inference default; lower is faster)", ge=2, le=10)
     preview_image_size: int = _field(256, "rendered preview size; previews show input image and rendered meshes side "
                                           "by side", ge=16)
 
@@ -260,8 +268,8 @@ class LoggingConfig:
     project_name: str = _field("midi-lora", "tracker project / run group name")
     log_every_n_steps: int = _field(10, "log `train/loss`, `train/lr`, `train/grad_norm`, `train/scenes_per_s`, "
                                         "`train/latent_tokens_per_s`, `train/peak_memory_gb`, `train/epoch`, "
-                                        "`train/nonfinite_steps` (plus `val/loss` and preview images on their own "
-                                        "cadence)", ge=1)
+                                        "`train/nonfinite_steps` (plus `val/loss`, the scene metrics and preview "
+                                        "images on their own cadence)", ge=1)
     progress_bar: bool = _field(True, "tqdm progress bar with loss and ETA (main process)")
 
 

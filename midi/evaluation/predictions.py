@@ -9,7 +9,7 @@ Predictions are either a scene file ``<pred>/<scene id>.glb`` (``.gltf``/``.obj`
 ``inference_with_lora.py`` writes it, one node per instance, or the same scene of another dataset.
 A node matches gt object k when it is named like the object or ``instance_<k+1>`` (inference's
 default name for id-map label k+1). Mesh points are sampled on the surface (area-weighted,
-seeded); dataset points are drawn like the gt's, so a dataset scored against itself gives CD 0.
+seeded, nodes in name order); dataset points are drawn like the gt's, so a dataset scored against itself gives CD 0.
 """
 
 from __future__ import annotations
@@ -154,9 +154,27 @@ def predict_from_file(
     Raises:
         EvalError: see :func:`read_scene_meshes`, or two nodes for one object.
     """
+    return predict_from_meshes(read_scene_meshes(path), record, truth, num_points, seed, where=path)
+
+
+def predict_from_meshes(
+    meshes: dict[str, trimesh.Trimesh],
+    record: SceneRecord,
+    truth: SceneTruth,
+    num_points: int,
+    seed: int,
+    where: object = None,
+) -> ScenePrediction:
+    """:func:`predict_from_file` on meshes already in memory (name -> mesh, scene frame), e.g. the
+    training-time metrics' generations; ``where`` names their source in errors.
+
+    Raises:
+        EvalError: two meshes for one object.
+    """
     rng = scene_rng(seed + 1, truth.scene_id)  # not the gt's stream: pred and gt samples independent
     prediction = ScenePrediction([None] * len(truth.names))
-    for name, mesh in read_scene_meshes(path).items():
+    # Sampled in name order: the numbers must not depend on the order a file (or its writer) lists nodes in.
+    for name, mesh in sorted(meshes.items()):
         points = trimesh.sample.sample_surface(mesh, num_points, seed=int(rng.integers(2**31)))[0]
         index = _gt_index(name, record)
         if index is None:
@@ -164,7 +182,7 @@ def predict_from_file(
         elif index not in truth.indices:
             prediction.ignored.append(name)
         elif prediction.points[truth.indices.index(index)] is not None:
-            raise EvalError(f"{path}: two nodes for object {record.object_names[index]!r}")
+            raise EvalError(f"{where or truth.scene_id}: two nodes for object {record.object_names[index]!r}")
         else:
             prediction.points[truth.indices.index(index)] = points
     return prediction

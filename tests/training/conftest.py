@@ -27,14 +27,15 @@ def tiny_dataset(base: Path) -> Path:
 
 
 def tiny_args(data_root: Path, output_dir: Path, *extra: str, max_steps: int = 4) -> list[str]:
-    """``train_lora.main`` arguments for a fast tiny run (no previews, no progress bar)."""
+    """``train_lora.main`` arguments for a fast tiny run (no previews or scene metrics, no progress bar)."""
     return [
         "--config", str(TINY_YAML),
         "--data.root", str(data_root), "--data.synthetic_if_missing", "0",
         "--data.image_size", str(IMAGE_SIZE), "--data.num_surface_points", str(NUM_POINTS),
         "--train.output_dir", str(output_dir), "--train.max_steps", str(max_steps),
         "--checkpointing.every_n_steps", "2", "--validation.every_n_steps", "2",
-        "--validation.preview_every_n_steps", "0", "--logging.progress_bar", "false",
+        "--validation.preview_every_n_steps", "0", "--validation.metrics_every_n_steps", "0",  # tiny.yaml's are on
+        "--logging.progress_bar", "false",
         "--logging.report_to", "none", "--cache.dir", str(Path(output_dir).parent / "cache"),
         *extra,
     ]
