@@ -1,15 +1,9 @@
 """Loading a training config: YAML + ``--section.key value`` overrides, every problem at once.
 
-Example::
-
-    cfg = load_config("configs/train/tiny.yaml", ["--train.max_steps", "20", "--lora.rank=4"])
-    cfg.lora.rank  # 4
-
-Every problem is reported in one :class:`midi.errors.ConfigError`, one line per problem, each
-naming the key and the fix, e.g. ``train.batch_size: must be >= 1, got 0`` or
-``lora.rank_typo: unknown key; did you mean lora.rank?``. Loading never imports torch, diffusers
-or transformers (only :func:`training_device_is_cpu` does, when fp16 is asked for), so a bad config
-fails in well under a second.
+``load_config("configs/train/tiny.yaml", ["--train.max_steps", "20", "--lora.rank=4"])`` raises one
+:class:`midi.errors.ConfigError` with one line per problem, naming the key and the fix (e.g.
+``lora.rank_typo: unknown key; did you mean lora.rank?``). Loading never imports torch (only
+:func:`training_device_is_cpu` does, for fp16), so a bad config fails in well under a second.
 """
 
 from __future__ import annotations
@@ -40,10 +34,6 @@ from midi.data.layout import detect_layout
 from midi.errors import ConfigError, ModelError
 
 
-def _hints(section: str) -> dict[str, Any]:
-    return typing.get_type_hints(SECTIONS[section])
-
-
 def _suggest(section: str, key: str) -> str:
     """``; did you mean x.y?`` for a mistyped key (searching its section first, then all keys)."""
     own = difflib.get_close_matches(key, list(section_fields(section)), n=1, cutoff=0.6) if section in SECTIONS else []
@@ -70,23 +60,15 @@ def _type_name(hint: Any) -> str:
 
 def coerce_value(value: Any, hint: Any) -> Any:
     """Converts a parsed YAML value to ``hint``; raises ValueError with the expected type in words.
-
-    Accepts what YAML 1.1 leaves as strings (``1e-4`` for a float, ``none`` for null) and a
-    comma-separated string for a list.
-    """
+    Accepts what YAML 1.1 leaves as strings (``1e-4``, ``none``) and a comma-separated list."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~") and type(None) in args):
-            if type(None) in args:
-                return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~"))):
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            with contextlib.suppress(ValueError):
                 return coerce_value(value, arg)
-            except ValueError:
-                continue
         raise ValueError(f"must be {_type_name(hint)}, got {value!r}")
     if origin is Literal:
         if value not in typing.get_args(hint):
@@ -103,36 +85,23 @@ def coerce_value(value: Any, hint: Any) -> Any:
 
 
 def _coerce_scalar(value: Any, hint: Any) -> Any:
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        number = None
-        if isinstance(value, int | float) and not isinstance(value, bool):
+    if hint in (bool, int, str) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    if hint is float and isinstance(value, int | float | str) and not isinstance(value, bool):
+        try:
             number = float(value)
-        elif isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                number = float(value)
-        if number is not None and not math.isfinite(number):  # YAML's .nan/.inf: no key means anything by them
-            raise ValueError(f"must be a finite number, got {value!r}")
-        if number is not None:
+        except ValueError:
+            pass
+        else:
+            if not math.isfinite(number):  # YAML's .nan/.inf: no key means anything by them
+                raise ValueError(f"must be a finite number, got {value!r}")
             return number
-    elif hint is str:
-        if isinstance(value, str):
-            return value
     raise ValueError(f"must be {_type_name(hint)}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- loading
 def parse_overrides(args: list[str]) -> tuple[list[tuple[str, Any]], list[str]]:
-    """Parses ``--section.key value`` / ``--section.key=value`` pairs (values are YAML).
-
-    Returns:
-        ``([(dotted key, value), ...], problems)``.
-    """
+    """``--section.key value`` / ``--section.key=value`` pairs (values are YAML) -> ``(pairs, problems)``."""
     pairs: list[tuple[str, Any]] = []
     problems: list[str] = []
     i = 0
@@ -165,11 +134,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError([f"invalid YAML ({' '.join(str(exc).split())})"], str(path)) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
+    if data is not None and not isinstance(data, dict):
         raise ConfigError(["the top level must be a mapping of sections (model:, lora:, data:, ...)"], str(path))
-    return data
+    return data or {}
 
 
 def _flatten(data: dict[str, Any], problems: list[str]) -> list[tuple[str, Any]]:
@@ -202,24 +169,15 @@ def _apply(cfg: TrainingConfig, pairs: list[tuple[str, Any]], problems: list[str
             problems.append(f"{dotted}: unknown key{_suggest(section, key)}")
             continue
         try:
-            setattr(getattr(cfg, section), key, coerce_value(value, _hints(section)[key]))
+            setattr(getattr(cfg, section), key, coerce_value(value, typing.get_type_hints(SECTIONS[section])[key]))
         except ValueError as exc:
             problems.append(f"{dotted}: {exc}")
 
 
-def load_config(
-    path: str | Path | None, overrides: list[str] | None = None, environment: bool = False
-) -> TrainingConfig:
-    """Reads a YAML config, applies ``--section.key value`` overrides and validates everything.
-
-    Args:
-        path: YAML file (None = schema defaults only).
-        overrides: command-line overrides, e.g. ``["--train.batch_size", "2", "--lora.rank=8"]``.
-        environment: also check paths, optional packages and the hardware
-            (:func:`check_environment`; imports torch only when the precision needs it).
-
-    Returns:
-        The resolved config.
+def load_config(path: str | Path | None, overrides: list[str] | None = None, environment: bool = False
+                ) -> TrainingConfig:
+    """Reads a YAML config (None: schema defaults), applies ``--section.key value`` overrides and
+    validates everything; ``environment`` also runs :func:`check_environment`.
 
     Raises:
         ConfigError: every problem found, one line each.
@@ -284,11 +242,7 @@ def _check_rules(cfg: TrainingConfig, p: list[str]) -> None:
 
 
 def validate(cfg: TrainingConfig) -> list[str]:
-    """Field ranges and cross-field rules that need neither torch nor the model.
-
-    Returns:
-        One line per problem (empty when the config is valid).
-    """
+    """Field ranges and cross-field rules that need neither torch nor the model; one line per problem."""
     problems: list[str] = []
     for check in (_check_rules, _validate_model, _validate_lora, _validate_data, _validate_optimizer,
                   _validate_train, _validate_validation):
@@ -380,11 +334,7 @@ def training_device_is_cpu() -> bool:
 
 
 def check_environment(cfg: TrainingConfig) -> list[str]:
-    """Checks what the config needs from this machine: paths, optional packages, precision.
-
-    Returns:
-        One line per problem.
-    """
+    """What the config needs from this machine (paths, optional packages, precision); one line per problem."""
     p: list[str] = []
     if cfg.train.mixed_precision == "fp16" and training_device_is_cpu():
         p.append("train.mixed_precision: fp16 needs a CUDA GPU and none is available; use auto, no or bf16")
@@ -393,11 +343,6 @@ def check_environment(cfg: TrainingConfig) -> list[str]:
                  "CUDA GPU; install it or use adamw")
     if cfg.logging.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
         p.append("logging.report_to: wandb needs the wandb package (pip install wandb); or use tensorboard")
-    _check_paths(cfg, p)
-    return p
-
-
-def _check_paths(cfg: TrainingConfig, p: list[str]) -> None:
     root = Path(cfg.data.root)
     if not root.exists():
         if cfg.data.synthetic_if_missing == 0:
@@ -413,4 +358,4 @@ def _check_paths(cfg: TrainingConfig, p: list[str]) -> None:
     if resume not in (None, "latest") and not Path(resume).is_dir():
         p.append(f"checkpointing.resume_from_checkpoint: {resume} is not a checkpoint folder (use 'latest' or "
                  f"a {cfg.train.output_dir}/checkpoint-N folder)")
-
+    return p

@@ -61,19 +61,12 @@ def read_adapter_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def lora_config_dict(
-    rank: int = 16,
-    alpha: float = 16,
-    dropout: float = 0.0,
-    target_modules: Sequence[str] | str = tuple(DEFAULT_TARGET_MODULES),
-    init_lora_weights: bool | str = True,
-    use_dora: bool = False,
-    use_rslora: bool = False,
-) -> dict[str, Any]:
+def lora_config_dict(rank: int = 16, alpha: float = 16, dropout: float = 0.0,
+                     target_modules: Sequence[str] | str = tuple(DEFAULT_TARGET_MODULES),
+                     init_lora_weights: bool | str = True, use_dora: bool = False, use_rslora: bool = False,
+                     ) -> dict[str, Any]:
     """Keyword arguments for ``peft.LoraConfig`` (what ``init_custom_adapter`` takes).
-
-    ``init_lora_weights=True`` zero-initialises B, so the adapted model starts as the base model.
-    """
+    ``init_lora_weights=True`` zero-initialises B, so the adapted model starts as the base model."""
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     return dict(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                 init_lora_weights=init_lora_weights, use_dora=use_dora, use_rslora=use_rslora)
@@ -97,17 +90,10 @@ def lora_state_dicts(pipe) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def export_lora(
-    pipe, out_dir: str | os.PathLike, mi_blocks: Sequence[str] | None, extra_metadata: dict[str, Any] | None = None
-) -> Path:
-    """Writes the adapters of ``pipe`` (see the module docstring for the layout).
-
-    The folder is assembled under a temporary name and renamed, so a crash never leaves a
-    half-written adapter.
-
-    Returns:
-        The folder.
-    """
+def export_lora(pipe, out_dir: str | os.PathLike, mi_blocks: Sequence[str] | None,
+                extra_metadata: dict[str, Any] | None = None) -> Path:
+    """Writes the adapters of ``pipe`` to ``out_dir`` (layout: the module docstring) and returns it.
+    Assembled under a temporary name and renamed, so a crash never leaves a half-written adapter."""
     out_dir = Path(out_dir)
     states = lora_state_dicts(pipe)
     if not states:
@@ -127,9 +113,7 @@ def export_lora(
                          {"format": "pt", "lora_adapter_metadata": diffusers_config})
     pipe.save_custom_adapter(tmp_dir, CUSTOM_ADAPTER_FILE, safe_serialization=True, include_keys=["lora"])
     metadata = {
-        "format": "midi-lora",
-        "version": 1,
-        "mi_blocks": list(mi_blocks) if mi_blocks is not None else None,
+        "format": "midi-lora", "version": 1, "mi_blocks": list(mi_blocks) if mi_blocks is not None else None,
         "lora_configs": configs,
         "base_transformer_config": {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")},
         "tiny_seed": getattr(pipe, "tiny_seed", None),  # set by midi.tiny.tiny_pipeline only
@@ -180,12 +164,10 @@ def find_adapter_dir(path: Path) -> Path:
         return path
     if (path / "lora-final").is_dir():
         return path / "lora-final"
-    checkpoints = sorted(
-        (p for p in path.glob("checkpoint-*/lora") if p.parent.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.parent.name.split("-")[-1]),
-    )
-    if checkpoints:
-        return checkpoints[-1]
+    newest = max((p for p in path.glob("checkpoint-*/lora") if p.parent.name.split("-")[-1].isdigit()),
+                 key=lambda p: int(p.parent.name.split("-")[-1]), default=None)
+    if newest is not None:
+        return newest
     raise AdapterError(f"{path}: no LoRA found (expected adapter_config.json, {CUSTOM_ADAPTER_FILE}, lora-final/ or checkpoint-*/lora/)")
 
 
@@ -203,11 +185,8 @@ def _strip_adapter_name(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def read_lora(path: str | os.PathLike) -> LoadedAdapter:
-    """Reads a LoRA from a training output folder, an exported/PEFT folder or a custom-adapter file.
-
-    Raises:
-        AdapterError: nothing usable at ``path``, with the reason in words.
-    """
+    """Reads a LoRA from a training output folder, an exported/PEFT folder or a custom-adapter file;
+    AdapterError (the reason in words) when nothing usable is at ``path``."""
     path = Path(path)
     if not path.exists():
         raise AdapterError(f"{path}: LoRA path does not exist")
@@ -269,18 +248,12 @@ def check_base_model(adapter: LoadedAdapter, transformer) -> None:
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], *, name: str, source: object,
                  peft: bool = True, strict: bool = True) -> None:
-    """The one strict weight check and load of adapters; errors name the key and both shapes.
+    """The one strict weight check and load of adapters into ``model`` (its LoRA modules added).
 
-    Args:
-        model: one of the pipeline's models, its LoRA modules already added.
-        state: PEFT keys without the adapter name (``peft=True``: every LoRA tensor of the model
-            must be there), or ``model.state_dict()`` keys (``peft=False``, a custom-adapter part).
-        name: the model's name in the pipeline, for the messages.
-        source: the file the weights came from, for the messages.
-        strict: refuse keys the model does not have (upstream ignores them).
-
-    Raises:
-        AdapterError: unknown or missing keys, or a shape that differs.
+    ``state`` has PEFT keys without the adapter name (``peft=True``: every LoRA tensor of the model
+    must be there) or ``model.state_dict()`` keys (``peft=False``, a custom-adapter part). ``strict``
+    refuses keys the model lacks (upstream ignores them). An AdapterError names ``source``, ``name``,
+    the key and both shapes.
     """
     if peft and not getattr(model, "peft_config", None):
         raise AdapterError(f"{source}: {name} has no LoRA modules to load into (call init_custom_adapter first)")
@@ -310,20 +283,10 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], *, name
 
 def load_adapter(pipe, adapter: LoadedAdapter | str | os.PathLike, mi_blocks: Sequence[str] | None = None, *,
                  install: bool = True) -> LoadedAdapter:
-    """The one strict adapter loader: reads ``adapter`` (any :func:`read_lora` path) into ``pipe``.
-
-    Args:
-        pipe: a MIDIPipeline.
-        adapter: a :class:`LoadedAdapter` or a path for :func:`read_lora`.
-        mi_blocks: the multi-instance blocks to install (None: the adapter's own, else all blocks).
-        install: install the processors and LoRA modules first; False loads into the LoRA modules
-            already on ``pipe`` (a training resume).
-
-    Returns:
-        The adapter that was loaded.
-
-    Raises:
-        AdapterError: base-model, target, key or shape mismatches, in words.
+    """The one strict adapter loader: reads ``adapter`` (a :class:`LoadedAdapter` or any :func:`read_lora`
+    path) into ``pipe`` and returns it. ``mi_blocks``: the blocks to install (None: the adapter's own,
+    else all). ``install=False`` loads into the LoRA modules already on ``pipe`` (a training resume).
+    AdapterError for base-model, target, key or shape mismatches, in words.
     """
     if not isinstance(adapter, LoadedAdapter):
         adapter = read_lora(adapter)
@@ -332,27 +295,19 @@ def load_adapter(pipe, adapter: LoadedAdapter | str | os.PathLike, mi_blocks: Se
         for name, config in adapter.lora_configs.items():
             if not matched_lora_targets(getattr(pipe, name), config["target_modules"]):
                 raise AdapterError(f"{adapter.source}: LoRA targets {config['target_modules']} match no module of {name}")
-        pipe.init_custom_adapter(
-            set_self_attn_module_names=adapter.mi_blocks if mi_blocks is None else mi_blocks,
-            transformer_lora_config=adapter.lora_configs.get("transformer"),
-            image_encoder_1_lora_config=adapter.lora_configs.get("image_encoder_1"),
-            image_encoder_2_lora_config=adapter.lora_configs.get("image_encoder_2"),
-            exact_module_names=True,
-        )
+        pipe.init_custom_adapter(set_self_attn_module_names=adapter.mi_blocks if mi_blocks is None else mi_blocks,
+                                 exact_module_names=True, **{f"{name}_lora_config": adapter.lora_configs.get(name)
+                                                             for name in ADAPTER_MODELS})
     for name, state in adapter.weights.items():
         load_weights(getattr(pipe, name), state, name=name, source=adapter.source)
     return adapter
 
 
-
 def merge_lora(pipe, scale: float = 1.0) -> int:
     """Folds every LoRA delta (times ``scale``) into its base weight; returns the layers merged."""
-    merged = 0
-    for name in ADAPTER_MODELS:
-        for module in getattr(pipe, name).modules():
-            if isinstance(module, BaseTunerLayer):
-                if scale != 1.0:
-                    module.scale_layer(scale)
-                module.merge()
-                merged += 1
-    return merged
+    layers = [m for name in ADAPTER_MODELS for m in getattr(pipe, name).modules() if isinstance(m, BaseTunerLayer)]
+    for module in layers:
+        if scale != 1.0:
+            module.scale_layer(scale)
+        module.merge()
+    return len(layers)

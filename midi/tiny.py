@@ -1,14 +1,10 @@
 """The tiny MIDI pipeline (built in-process, no downloads) and the one loader of every pipeline.
 
-The tiny pipeline has the released model's architecture at toy sizes: DiT 5 layers x width 64 (so
-64 latent tokens of 8 channels, long skips in blocks 3 and 4), VAE widths 32/48, CLIP and 7-channel
-DINOv2 of width 32 at 32 px. Weights are the modules' own init plus seeded Gaussian noise, so that
-norms and biases are not trivially 1/0. Tests, demos and dry runs use it.
-
-:func:`load_pipeline` is how training, inference and evaluation get a pipeline, tiny or a
-released folder; :func:`meta_models` builds models on the meta device (no weights read) for the
-config checks. ``python -m midi.tiny save DIR [--seed S]`` writes the tiny pipeline as a pipeline
-folder in the released layout (for interop tests and users).
+The tiny pipeline is the released architecture at toy sizes (DiT 5 layers x width 64: 64 latent
+tokens of 8 channels; VAE widths 32/48; CLIP and 7-channel DINOv2 of width 32 at 32 px), weights
+its own init plus seeded Gaussian noise (so norms and biases are not trivially 1/0).
+:func:`load_pipeline` is how training, inference and evaluation get a pipeline, tiny or released.
+``python -m midi.tiny save DIR [--seed S]`` writes it in the released folder layout.
 """
 
 from __future__ import annotations
@@ -74,19 +70,14 @@ def tiny_pipeline(seed: int = 0, noise_std: float = 0.05) -> MIDIPipeline:
         torch.manual_seed(seed + k)
         models.append(_perturb(build(), noise_std))
     clip, dino, transformer, vae = models
-    size = {"shortest_edge": TINY_IMAGE_SIZE}
-    crop = {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
+    sizes = dict(size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
     clip_processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
     bit_processor = getattr(transformers, "BitImageProcessorPil", None) or transformers.BitImageProcessor
     pipe = MIDIPipeline(
-        vae=vae,
-        transformer=transformer,
+        vae=vae, transformer=transformer, image_encoder_1=clip, image_encoder_2=dino,
         scheduler=RectifiedFlowScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False),
-        image_encoder_1=clip,
-        image_encoder_2=dino,
-        feature_extractor_1=clip_processor(size=size, crop_size=crop),
-        feature_extractor_2=bit_processor(size=size, crop_size=crop, image_mean=[0.485, 0.456, 0.406],
-                                          image_std=[0.229, 0.224, 0.225]),
+        feature_extractor_1=clip_processor(**sizes),
+        feature_extractor_2=bit_processor(**sizes, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]),
     )
     pipe.set_progress_bar_config(disable=True)
     pipe.tiny_seed = seed  # recorded by midi.lora.export_lora, so inference rebuilds the same weights
@@ -120,12 +111,8 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, *, tiny_seed: 
 
 
 def meta_models(model: str, names: Sequence[str], *, tiny_seed: int = 0) -> dict[str, torch.nn.Module]:
-    """The named models (``transformer``, ``vae``, ``image_encoder_1/2``) on the meta device, from their
-    config files: the module structure without reading or allocating any weight.
-
-    Raises:
-        ModelError: the folder or a component's config cannot be read.
-    """
+    """The named models (``transformer``, ``vae``, ``image_encoder_1/2``) built on the meta device from
+    their config files (no weight read); ModelError when a folder or config cannot be read."""
     if is_tiny(model):
         with torch.device("meta"):
             pipe = tiny_pipeline(tiny_seed)
@@ -136,11 +123,8 @@ def meta_models(model: str, names: Sequence[str], *, tiny_seed: int = 0) -> dict
 
 
 def mi_blocks_for(model: str) -> tuple[str, ...]:
-    """The multi-instance blocks of a base model: the release's 8-12 (of 21), or the tiny model's.
-
-    Raises:
-        ModelError: any other transformer (its blocks cannot be guessed: name them with mi_blocks).
-    """
+    """The multi-instance blocks of a base model: the release's 8-12 (of 21), or the tiny model's;
+    ModelError for any other transformer (its blocks cannot be guessed: name them with mi_blocks)."""
     if is_tiny(model):
         return TINY_MI_BLOCKS
     config_file = resolve_pipeline_folder(model) / "transformer" / "config.json"
@@ -158,11 +142,8 @@ def mi_blocks_for(model: str) -> tuple[str, ...]:
 
 
 def save_tiny_pipeline(folder: str | os.PathLike, seed: int = 0) -> Path:
-    """Writes the tiny pipeline in the released folder layout (``MIDIPipeline.from_pretrained`` loads it).
-
-    Raises:
-        FileExistsError: ``folder`` exists and is not empty (it is never overwritten).
-    """
+    """Writes the tiny pipeline in the released folder layout (``MIDIPipeline.from_pretrained`` loads it);
+    FileExistsError when ``folder`` exists and is not empty (it is never overwritten)."""
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise FileExistsError(errno.EEXIST, "exists and is not empty; choose a new folder", str(folder))

@@ -12,14 +12,23 @@ try:  # the package is being reorganised: extraction moved under midi.inference
     from midi.inference.extraction import ExtractionConfig, extract_coarse_to_fine
 except ImportError:  # pragma: no cover - the layout before the move
     from midi.extraction import ExtractionConfig, extract_coarse_to_fine
-from midi.mini.pretrain_vae import VAERecipe, build_vae, f_score, kl_weight_at, losses, make_batch, recon_terms, train
+from midi.mini.pretrain_vae import (
+    VAERecipe,
+    build_vae,
+    f_score,
+    kl_weight_at,
+    losses,
+    make_batch,
+    recon_terms,
+    train,
+)
 from midi.mini.shapes import KINDS, Part, random_shape, sample_surface, shape_bounds, shape_field
 
 PARAMS = {"box": [0.3, 0.15, 0.25], "sphere": [0.3], "cylinder": [0.2, 0.3], "cone": [0.3, 0.25],
-          "capsule": [0.12, 0.2], "torus": [0.3, 0.1]}  # fmt: skip
+          "capsule": [0.12, 0.2], "torus": [0.3, 0.1]}
 TINY = VAERecipe(width_encoder=16, width_decoder=16, num_attention_heads=2, latent_channels=4, num_tokens=8,
                  batch_size=2, surface_points=64, near_points=32, uniform_points=32, steps=6, warmup_steps=2,
-                 eval_every=1000, eval_shapes=1, eval_depth=4, log_every=2)  # fmt: skip
+                 eval_every=1000, eval_shapes=1, eval_depth=4, log_every=2)
 
 
 def _posed(kind: str, rng: np.random.Generator) -> Part:

@@ -50,22 +50,12 @@ def expand_patch_projection(weight: torch.Tensor, num_channels: int, method: str
     return torch.cat(parts, dim=1)
 
 
-def set_mi_attention(
-    transformer: torch.nn.Module, self_attn_module_names: Sequence[str] | None, exact: bool = False
-) -> list[str]:
-    """Installs MIDI's processors: multi-instance self-attention in the named blocks, plain elsewhere.
-
-    Args:
-        transformer: the DiT.
-        self_attn_module_names: block names such as ``"blocks.8"``; None selects every block.
-        exact: match block names exactly. The default is upstream's prefix match, under which
-            ``"blocks.1"`` also selects ``blocks.10``-``blocks.19`` (a warning says so).
-
-    Returns:
-        The processor names that got multi-instance attention.
-
-    Raises:
-        ValueError: a name that selects no block.
+def set_mi_attention(transformer: torch.nn.Module, self_attn_module_names: Sequence[str] | None,
+                     exact: bool = False) -> list[str]:
+    """Installs multi-instance self-attention in the named blocks (``"blocks.8"``; None: every block),
+    plain processors elsewhere; returns the processor names that got it. ``exact`` matches block names
+    exactly; the default is upstream's prefix match, under which ``"blocks.1"`` also selects
+    ``blocks.10``-``blocks.19`` (a warning says so). ValueError for a name that selects no block.
     """
     names = list(transformer.attn_processors)
 
@@ -83,27 +73,10 @@ def set_mi_attention(
             if len(hits) > 1:
                 logger.warning("set_self_attn_module_names: %r prefix-matches %s (upstream behaviour); "
                                "pass exact block names to select one block", wanted, hits)
-    chosen = []
-    processors = {}
-    for name in names:
-        use_mi = name.endswith("attn1.processor") and (
-            self_attn_module_names is None or any(selected(name, w) for w in self_attn_module_names)
-        )
-        processors[name] = MIAttnProcessor2_0(use_mi=use_mi)
-        if use_mi:
-            chosen.append(name)
-    transformer.set_attn_processor(processors)
+    chosen = [n for n in names if n.endswith("attn1.processor") and (
+        self_attn_module_names is None or any(selected(n, w) for w in self_attn_module_names))]
+    transformer.set_attn_processor({n: MIAttnProcessor2_0(use_mi=n in chosen) for n in names})
     return chosen
-
-
-def _state_dict_for_save(model: torch.nn.Module | None, prefix: str, include: Sequence[str], exclude: Sequence[str]) -> dict:
-    if model is None:
-        return {}
-    return {
-        prefix + k: v.detach().contiguous()
-        for k, v in model.state_dict().items()
-        if any(s in k for s in include) and not any(s in k for s in exclude)
-    }
 
 
 class CustomAdapterMixin:
@@ -120,16 +93,11 @@ class CustomAdapterMixin:
         image_encoder_2_lora_config: dict[str, Any] | None = None,
         exact_module_names: bool = False,
     ) -> None:
-        """Prepares the pipeline for MIDI: processors, DINOv2 input channels and optional LoRA.
-
-        Steps, in upstream order: (1) rebuild ``feature_extractor_2`` with the overrides;
-        (2) widen DINOv2's patch projection when it has fewer than
-        ``image_encoder_2_input_channels`` inputs (the released weights already have 7);
-        (3) multi-instance self-attention on ``set_self_attn_module_names`` (all blocks if None),
-        plain processors elsewhere; (4) for each of transformer / image_encoder_1 /
-        image_encoder_2 a PEFT LoRA adapter named "default" from the given ``LoraConfig`` kwargs,
-        or the whole model frozen when no config is given. ``exact_module_names=True`` matches
-        block names exactly instead of upstream's prefix match.
+        """Prepares the pipeline for MIDI, in upstream order: (1) rebuild ``feature_extractor_2`` with the
+        overrides; (2) widen DINOv2's patch projection to ``image_encoder_2_input_channels`` (the released
+        weights already have 7); (3) :func:`set_mi_attention`; (4) for each of transformer /
+        image_encoder_1 / image_encoder_2 a PEFT LoRA adapter "default" from its ``LoraConfig`` kwargs,
+        or the model frozen when none is given.
         """
         if pretrained_image_encoder_2_processor_config is not None:
             processor_cls = getattr(transformers, "BitImageProcessorPil", None) or transformers.BitImageProcessor
@@ -150,11 +118,8 @@ class CustomAdapterMixin:
 
         set_mi_attention(self.transformer, set_self_attn_module_names, exact=exact_module_names)
 
-        for name, config in (
-            ("transformer", transformer_lora_config),
-            ("image_encoder_1", image_encoder_1_lora_config),
-            ("image_encoder_2", image_encoder_2_lora_config),
-        ):
+        for name, config in (("transformer", transformer_lora_config), ("image_encoder_1", image_encoder_1_lora_config),
+                             ("image_encoder_2", image_encoder_2_lora_config)):
             model = getattr(self, name)
             if config is not None:
                 model.add_adapter(config if isinstance(config, LoraConfig) else LoraConfig(**config))
@@ -169,24 +134,16 @@ class CustomAdapterMixin:
         include_keys: Sequence[str] | None = None,
         exclude_keys: Sequence[str] | None = None,
     ) -> Path:
-        """Writes the selected weights of the three trainable models to one file (atomically).
-
-        Args:
-            save_directory: folder (created if needed).
-            weight_name: file name, e.g. ``custom_adapter.safetensors``.
-            safe_serialization: safetensors (default) or a torch pickle.
-            include_keys: keep keys containing any of these substrings. Upstream saves nothing
-                when this is None; here None means ``["lora"]`` (the LoRA weights).
-            exclude_keys: drop keys containing any of these substrings.
-
-        Returns:
-            The written file.
+        """Writes the weights of the three trainable models whose keys contain any of ``include_keys`` and
+        none of ``exclude_keys`` to ``save_directory / weight_name`` (atomically; safetensors, or a torch
+        pickle) and returns the file. Upstream saves nothing when ``include_keys`` is None; here None
+        means ``["lora"]``.
         """
         include = list(include_keys) if include_keys is not None else ["lora"]
         exclude = list(exclude_keys or [])
-        state = {}
-        for prefix in ADAPTER_PREFIXES:
-            state.update(_state_dict_for_save(getattr(self, prefix[:-1], None), prefix, include, exclude))
+        state = {prefix + k: v.detach().contiguous() for prefix in ADAPTER_PREFIXES
+                 if (model := getattr(self, prefix[:-1], None)) is not None for k, v in model.state_dict().items()
+                 if any(s in k for s in include) and not any(s in k for s in exclude)}
         if not state:
             raise AdapterError(f"save_custom_adapter: no weights match include_keys={include} (was a LoRA added?)")
         save_directory = Path(save_directory)
@@ -217,11 +174,7 @@ class CustomAdapterMixin:
         if isinstance(pretrained_model_name_or_path_or_dict, dict):
             state, source = pretrained_model_name_or_path_or_dict, "<dict>"
         else:
-            path = Path(pretrained_model_name_or_path_or_dict)
-            if subfolder:
-                path = path / subfolder
-            if weight_name is not None:
-                path = path / weight_name
+            path = Path(pretrained_model_name_or_path_or_dict, subfolder or "", weight_name or "")
             state, source = read_adapter_file(path), str(path)
         unknown = [k for k in state if not k.startswith(ADAPTER_PREFIXES)]
         if unknown:

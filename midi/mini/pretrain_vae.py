@@ -36,6 +36,7 @@ import torch
 from scipy.spatial import cKDTree
 
 from midi.data.atomic import atomic_write, commit_dir, make_tmp_dir, write_json, write_text
+
 try:  # the package is being reorganised: extraction moved under midi.inference
     from midi.inference.extraction import ExtractionConfig, extract_coarse_to_fine
 except ImportError:  # pragma: no cover - the layout before the move

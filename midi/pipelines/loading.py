@@ -39,11 +39,8 @@ TRANSFORMERS_ALLOWED = {
 
 
 def resolve_pipeline_folder(path: str | Path) -> Path:
-    """A local folder as is; otherwise a Hub repo id already in the local cache (no download).
-
-    Raises:
-        ModelError: neither; the message is :func:`midi.config.check_model_path`'s (how to download).
-    """
+    """A local folder as is, else a Hub repo id already in the local cache (no download); else a
+    ModelError with :func:`midi.config.check_model_path`'s message (how to download)."""
     folder = Path(path).expanduser()
     if folder.is_dir():
         return folder
@@ -63,8 +60,7 @@ def read_model_index(folder: Path) -> dict[str, Any]:
         index = json.loads(index_file.read_text())
     except json.JSONDecodeError as exc:
         raise ModelError(f"{index_file}: invalid JSON ({exc})") from None
-    missing = [c for c in COMPONENTS if c not in index]
-    if missing:
+    if missing := [c for c in COMPONENTS if c not in index]:
         raise ModelError(f"{index_file}: component(s) {missing} missing; a MIDI pipeline has {list(COMPONENTS)}")
     for name in COMPONENTS:
         if not (folder / name).is_dir():
@@ -103,11 +99,8 @@ def build_on_meta(name: str, model_cls: type, folder: Path) -> torch.nn.Module:
 
 
 def check_weights(name: str, model_cls: type, folder: Path) -> None:
-    """Compares the weight files with a meta-device build of ``model_cls`` from ``config.json``.
-
-    Raises:
-        ModelError: naming the component, the key and expected vs found shapes.
-    """
+    """Compares the weight files with a meta-device build of ``model_cls`` from ``config.json``; a
+    ModelError names the component, the key and expected vs found shapes."""
     model = build_on_meta(name, model_cls, folder)
     found = _weight_shapes(folder)
     if found is None:
@@ -120,23 +113,19 @@ def check_weights(name: str, model_cls: type, folder: Path) -> None:
     unexpected = [k for k in shapes if k not in expected]
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise ModelError(
-            f"{file}: component '{name}' keys do not match {model_cls.__name__}(config.json): "
-            f"{len(missing)} missing, {len(unexpected)} unexpected, e.g. {detail}"
-        )
+        raise ModelError(f"{file}: component '{name}' keys do not match {model_cls.__name__}(config.json): "
+                         f"{len(missing)} missing, {len(unexpected)} unexpected, e.g. {detail}")
     for key, shape in expected.items():
         if shapes[key] != shape:
-            raise ModelError(
-                f"{file}: component '{name}' key {key!r} expected shape {shape} (from config.json), found {shapes[key]}"
-            )
+            raise ModelError(f"{file}: component '{name}' key {key!r} expected shape {shape} (from config.json), "
+                             f"found {shapes[key]}")
 
 
 def _load_transformers_component(name: str, library: str, class_name: str, folder: Path, dtype) -> Any:
     allowed = TRANSFORMERS_ALLOWED[name]
     if library != "transformers" or class_name not in allowed:
-        raise ModelError(
-            f"model_index.json: component '{name}' is [{library!r}, {class_name!r}]; expected transformers {allowed[0]}"
-        )
+        raise ModelError(f"model_index.json: component '{name}' is [{library!r}, {class_name!r}]; "
+                         f"expected transformers {allowed[0]}")
     if name.startswith("feature_extractor"):
         # The PIL-backed processors are what upstream (transformers 4.49) computed with; the
         # torchvision-backed ones give slightly different pixel values.
@@ -147,16 +136,12 @@ def _load_transformers_component(name: str, library: str, class_name: str, folde
         raise ModelError(f"{folder}: component '{name}' has no config.json")
     try:
         # Mismatches are collected (not raised) so the error below can name key and shapes.
-        model, info = cls.from_pretrained(
-            str(folder), dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
-        )
+        model, info = cls.from_pretrained(str(folder), dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True)
     except (OSError, RuntimeError, ValueError) as exc:
         raise ModelError(f"{folder}: component '{name}' failed to load ({str(exc).splitlines()[0]})") from None
     for key, ckpt_shape, model_shape in sorted(info.get("mismatched_keys") or []):
-        raise ModelError(
-            f"{folder}: component '{name}' key {key!r} expected shape {tuple(model_shape)} (from config.json), "
-            f"found {tuple(ckpt_shape)}"
-        )
+        raise ModelError(f"{folder}: component '{name}' key {key!r} expected shape {tuple(model_shape)} (from "
+                         f"config.json), found {tuple(ckpt_shape)}")
     for kind in ("missing_keys", "unexpected_keys"):
         if info.get(kind):
             keys = sorted(info[kind])
@@ -174,22 +159,12 @@ def component_dtype(torch_dtype: torch.dtype | dict[str, torch.dtype] | None, na
     return torch_dtype
 
 
-def load_components(
-    path: str | Path, torch_dtype: torch.dtype | dict[str, torch.dtype] | None = None
-) -> dict[str, Any]:
-    """Loads and validates the seven components of a MIDI-3D pipeline folder.
-
-    Args:
-        path: pipeline folder (or a cached Hub repo id).
-        torch_dtype: dtype for the models (default: as stored, float32 for custom models), or a
-            dict per component with an optional ``"default"``, e.g.
-            ``{"vae": torch.float32, "default": torch.bfloat16}``.
-
-    Returns:
-        Keyword arguments for ``MIDIPipeline(...)``.
-
-    Raises:
-        ModelError: missing component, unknown class, wrong keys or shapes.
+def load_components(path: str | Path, torch_dtype: torch.dtype | dict[str, torch.dtype] | None = None
+                    ) -> dict[str, Any]:
+    """Loads and validates the seven components of a MIDI-3D pipeline folder (or cached Hub repo id)
+    into keyword arguments for ``MIDIPipeline(...)``. ``torch_dtype``: as in
+    :meth:`MIDIPipeline.from_pretrained` (default: as stored, float32 for custom models). ModelError
+    for a missing component, unknown class, wrong keys or shapes.
     """
     folder = resolve_pipeline_folder(path)
     index = read_model_index(folder)
@@ -199,7 +174,7 @@ def load_components(
         if not (isinstance(entry, list | tuple) and len(entry) == 2):
             raise ModelError(f"model_index.json: component '{name}' must be [library, class], got {entry!r}")
         library, class_name = entry
-        sub = folder / name
+        sub, dtype = folder / name, component_dtype(torch_dtype, name)
         if name in CUSTOM_CLASSES:
             cls = CUSTOM_CLASSES[name]
             if class_name != cls.__name__:
@@ -208,9 +183,7 @@ def load_components(
                 components[name] = cls.from_pretrained(str(sub))
                 continue
             check_weights(name, cls, sub)
-            components[name] = cls.from_pretrained(str(sub), torch_dtype=component_dtype(torch_dtype, name)).eval()
+            components[name] = cls.from_pretrained(str(sub), torch_dtype=dtype).eval()
         else:
-            components[name] = _load_transformers_component(
-                name, library, class_name, sub, component_dtype(torch_dtype, name)
-            )
+            components[name] = _load_transformers_component(name, library, class_name, sub, dtype)
     return components

@@ -61,9 +61,7 @@ class MIDIPipelineOutput(BaseOutput):
 
 
 def _as_list(images: Any) -> list:
-    if isinstance(images, torch.Tensor):
-        return list(images)
-    return list(images) if isinstance(images, list | tuple) else [images]
+    return list(images) if isinstance(images, torch.Tensor | list | tuple) else [images]
 
 
 class MIDIPipeline(DiffusionPipeline, CustomAdapterMixin):
@@ -77,26 +75,12 @@ class MIDIPipeline(DiffusionPipeline, CustomAdapterMixin):
 
     model_cpu_offload_seq = "image_encoder_1->image_encoder_2->transformer->vae"
 
-    def __init__(
-        self,
-        vae: TripoSGVAEModel,
-        transformer: TripoSGDiTModel,
-        scheduler: RectifiedFlowScheduler,
-        image_encoder_1,
-        image_encoder_2,
-        feature_extractor_1,
-        feature_extractor_2,
-    ) -> None:
+    def __init__(self, vae: TripoSGVAEModel, transformer: TripoSGDiTModel, scheduler: RectifiedFlowScheduler,
+                 image_encoder_1, image_encoder_2, feature_extractor_1, feature_extractor_2) -> None:
         super().__init__()
-        self.register_modules(
-            vae=vae,
-            transformer=transformer,
-            scheduler=scheduler,
-            image_encoder_1=image_encoder_1,
-            image_encoder_2=image_encoder_2,
-            feature_extractor_1=feature_extractor_1,
-            feature_extractor_2=feature_extractor_2,
-        )
+        self.register_modules(vae=vae, transformer=transformer, scheduler=scheduler, image_encoder_1=image_encoder_1,
+                              image_encoder_2=image_encoder_2, feature_extractor_1=feature_extractor_1,
+                              feature_extractor_2=feature_extractor_2)
         self._guidance_scale = 1.0
 
     @classmethod
@@ -161,12 +145,8 @@ class MIDIPipeline(DiffusionPipeline, CustomAdapterMixin):
         [0, 1] and nearest-resized from the full frame to the processed size without cropping,
         exactly as upstream (so they are misaligned when the processor crops).
         """
-        rgb = []
-        for images in (image_one, image_two):
-            if isinstance(images, torch.Tensor):
-                rgb.append(images.float())
-            else:
-                rgb.append(self.feature_extractor_2(images, return_tensors="pt").pixel_values)
+        rgb = [images.float() if isinstance(images, torch.Tensor)
+               else self.feature_extractor_2(images, return_tensors="pt").pixel_values for images in (image_one, image_two)]
         if isinstance(mask, torch.Tensor):
             masks = mask.float()
             if masks.ndim == 3:
@@ -179,9 +159,8 @@ class MIDIPipeline(DiffusionPipeline, CustomAdapterMixin):
         masks = F.interpolate(masks, size=rgb[0].shape[-2:], mode="nearest")
         return torch.cat([rgb[0], rgb[1], masks.to(rgb[0].dtype)], dim=1)
 
-    def encode_image_2(
-        self, image_one, image_two, mask, device, num_images_per_prompt: int = 1
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_image_2(self, image_one, image_two, mask, device, num_images_per_prompt: int = 1
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """DINOv2 ``last_hidden_state`` ``(N, T2, C2)`` of the 7-channel input, and zeros."""
         dtype = next(self.image_encoder_2.parameters()).dtype
         pixels = self.prepare_image_2_input(image_one, image_two, mask).to(device=device, dtype=dtype)
@@ -230,36 +209,32 @@ class MIDIPipeline(DiffusionPipeline, CustomAdapterMixin):
         Returns:
             ``(values (N, Q, 1), grid_sizes, bbox_sizes, bbox_mins, bbox_maxs)``.
         """
-        device, dtype = latents.device, latents.dtype
-        batch = latents.shape[0]
-        grid_sizes, bbox_sizes, bbox_mins, bbox_maxs = [], [], [], []
-        if sampled_points is None:
-            points, grid_size, bbox_size = generate_dense_grid_points(bbox_min, bbox_max, octree_depth, indexing)
-            sampled_points = torch.from_numpy(points).to(device=device, dtype=dtype)[None].expand(batch, -1, -1)
-            grid_sizes.append(grid_size)
-            bbox_sizes.append(bbox_size)
-            bbox_mins.append(bbox_min)
-            bbox_maxs.append(bbox_max)
-        output = self.vae.decode(latents, sampled_points=sampled_points, num_chunks=num_chunks, to_cpu=decode_to_cpu).sample
-        if not decode_progressive:
-            return output, grid_sizes, bbox_sizes, bbox_mins, bbox_maxs
+        boxes: list[tuple] = []  # (grid_size, bbox_size, bbox_min, bbox_max) of each grid decoded on
 
-        grid_sizes, bbox_sizes, bbox_mins, bbox_maxs, grids = [], [], [], [], []
-        for i in range(batch):
-            selected = sampled_points[i][output[i].squeeze(-1).to(sampled_points.device) <= 0]
-            if selected.shape[0] == 0:
-                logger.warning("decode_latents: instance %d has no point with value <= 0; reusing the previous bbox", i)
-            else:
-                bbox_min = (selected.min(dim=0).values - padding).float().cpu().numpy()
-                bbox_max = (selected.max(dim=0).values + padding).float().cpu().numpy()
-            points, grid_size, bbox_size = generate_dense_grid_points(bbox_min, bbox_max, octree_depth, indexing)
-            grids.append(torch.from_numpy(points).to(device=device, dtype=dtype))
-            grid_sizes.append(grid_size)
-            bbox_sizes.append(bbox_size)
-            bbox_mins.append(bbox_min)
-            bbox_maxs.append(bbox_max)
-        output = self.vae.decode(latents, sampled_points=torch.stack(grids), num_chunks=num_chunks, to_cpu=decode_to_cpu).sample
-        return output, grid_sizes, bbox_sizes, bbox_mins, bbox_maxs
+        def grid(low: np.ndarray, high: np.ndarray) -> torch.Tensor:
+            points, grid_size, bbox_size = generate_dense_grid_points(low, high, octree_depth, indexing)
+            boxes.append((grid_size, bbox_size, low, high))
+            return torch.from_numpy(points).to(device=latents.device, dtype=latents.dtype)
+
+        def decode(points: torch.Tensor) -> torch.Tensor:
+            return self.vae.decode(latents, sampled_points=points, num_chunks=num_chunks, to_cpu=decode_to_cpu).sample
+
+        if sampled_points is None:
+            sampled_points = grid(bbox_min, bbox_max)[None].expand(latents.shape[0], -1, -1)
+        output = decode(sampled_points)
+        if decode_progressive:
+            boxes.clear()
+            grids = []
+            for i in range(latents.shape[0]):
+                selected = sampled_points[i][output[i].squeeze(-1).to(sampled_points.device) <= 0]
+                if selected.shape[0] == 0:
+                    logger.warning("decode_latents: instance %d has no point with value <= 0; reusing the previous bbox", i)
+                else:
+                    bbox_min = (selected.min(dim=0).values - padding).float().cpu().numpy()
+                    bbox_max = (selected.max(dim=0).values + padding).float().cpu().numpy()
+                grids.append(grid(bbox_min, bbox_max))
+            output = decode(torch.stack(grids))
+        return (output, *[list(column) for column in zip(*boxes)]) if boxes else (output, [], [], [], [])
 
     # ----------------------------------------------------------------------------- checks
     def check_inputs(self, image, mask, image_scene, num_images_per_prompt, attention_kwargs) -> dict[str, Any]:
@@ -268,9 +243,8 @@ class MIDIPipeline(DiffusionPipeline, CustomAdapterMixin):
         if not images:
             raise ValueError("no instance images given")
         if not (len(images) == len(masks) == len(scenes)):
-            raise ValueError(
-                f"image, mask and image_scene must have one entry per instance; got {len(images)}, {len(masks)}, {len(scenes)}"
-            )
+            raise ValueError("image, mask and image_scene must have one entry per instance; "
+                             f"got {len(images)}, {len(masks)}, {len(scenes)}")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         kwargs = dict(attention_kwargs or {})
@@ -340,21 +314,15 @@ class MIDIPipeline(DiffusionPipeline, CustomAdapterMixin):
         self.scheduler.set_timesteps(num_inference_steps, device=device, timesteps=timesteps)
         schedule = self.scheduler.timesteps
         config = self.transformer.config
-        latents = self.prepare_latents(
-            batch_size * num_images_per_prompt, config.width, config.in_channels, embeds_1.dtype, device, generator, latents
-        )
+        latents = self.prepare_latents(batch_size * num_images_per_prompt, config.width, config.in_channels,
+                                       embeds_1.dtype, device, generator, latents)
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         with self.progress_bar(total=len(schedule)) as progress_bar:
             for i, t in enumerate(schedule):
                 model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
-                pred = self.transformer(
-                    model_input,
-                    t.expand(model_input.shape[0]),
-                    encoder_hidden_states=embeds_1,
-                    encoder_hidden_states_2=embeds_2,
-                    attention_kwargs=attention_kwargs,
-                    return_dict=False,
-                )[0]
+                pred = self.transformer(model_input, t.expand(model_input.shape[0]), encoder_hidden_states=embeds_1,
+                                        encoder_hidden_states_2=embeds_2, attention_kwargs=attention_kwargs,
+                                        return_dict=False)[0]
                 if self.do_classifier_free_guidance:
                     uncond, cond = pred.chunk(2)
                     pred = uncond + guidance_scale * (cond - uncond)
@@ -365,14 +333,9 @@ class MIDIPipeline(DiffusionPipeline, CustomAdapterMixin):
                     latents = result.get("latents", latents)
                 progress_bar.update()
 
-        grids: tuple = (None, None, None, None)
-        if output_type == "latent":
-            output = latents
-        else:
-            output, *grids = self.decode_latents(
-                latents, sampled_points, decode_progressive, decode_to_cpu, octree_depth=octree_depth
-            )
+        output, grids = latents, (None, None, None, None)
+        if output_type != "latent":
+            output, *grids = self.decode_latents(latents, sampled_points, decode_progressive, decode_to_cpu,
+                                                 octree_depth=octree_depth)
         self.maybe_free_model_hooks()
-        if not return_dict:
-            return (output, *grids)
-        return MIDIPipelineOutput(output, *grids)
+        return MIDIPipelineOutput(output, *grids) if return_dict else (output, *grids)

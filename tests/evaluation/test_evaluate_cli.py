@@ -196,7 +196,7 @@ def test_compare_refuses_other_protocols(runs, data_root, tmp_path, capsys):
     (["--pred", "{d}", "--output_dir", "{t}/o", "--lora_path", "{t}"], "--lora_path needs --generate"),
     (["--generate", "--pretrained_model_name_or_path", "{t}/model", "--output_dir", "{t}/o"], "model folder not found"),
     (["--generate", "--pretrained_model_name_or_path", "tiny", "--lora_path", "{t}", "--output_dir", "{t}/o"], "no LoRA found"),
-])  # fmt: skip
+])
 def test_unusable_arguments_exit_2_and_write_nothing(data_root, tmp_path, capsys, extra, message):
     args = [a.format(t=tmp_path, d=data_root) for a in extra]
     with pytest.raises(SystemExit) as exit_info:

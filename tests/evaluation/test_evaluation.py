@@ -178,7 +178,7 @@ def test_missing_instance_is_charged(scene):
     ([np.zeros((4, 3))], [np.zeros((4, 3))] * 2, "none", "1 predicted instances for 2"),
     ([None], [np.zeros((4, 3))], "none", "no predicted instance"),
     ([np.zeros((4, 3))], [np.zeros((4, 3))], "rigid", "align must be one of"),
-])  # fmt: skip
+])
 def test_bad_input_is_named(pred, gt, align, match):
     with pytest.raises(ValueError, match=match):
         score_points(pred, gt, align=align)
