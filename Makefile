@@ -29,6 +29,7 @@ bench: setup
 	$(VENV)/bin/python bench/bench_prepare_data.py
 	$(VENV)/bin/python bench/bench_training.py
 	$(VENV)/bin/python bench/bench_extraction.py
+	$(VENV)/bin/python bench/bench_evaluation.py
 
 quickstart:
 	bash quickstart_lora_training.sh

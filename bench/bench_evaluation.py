@@ -13,6 +13,10 @@ Usage::
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo is the package root
 import argparse
 import os
 import time
