@@ -276,35 +276,40 @@ def validate(r: Run, state: TrainerState) -> None:
     acc.wait_for_everyone()
 
 
-def preview(r: Run, step: int) -> None:
-    """Preview generations on the main process (the others wait)."""
+def on_main_process(r: Run, step: int, what: str, generate) -> None:
+    """Runs a generating validation step on the main process only (the others wait).
+
+    Skipped under FSDP: the model is sharded across processes, so one process cannot generate alone.
+    generate_meshes runs the models in eval mode and restores their modes.
+    """
     acc = r.accelerator
     if acc.distributed_type == "FSDP":
-        logger.info("step %d: previews skipped under FSDP (the model is sharded across processes)", step)
+        logger.info("step %d: %s skipped under FSDP (the model is sharded across processes)", step, what)
         return
     if acc.is_main_process:
-        with acc.autocast():  # generate_meshes runs the models in eval mode and restores their modes
-            images = validation.write_previews(r.pipe, r.val_set.records, r.val_set.settings, r.cfg, step,
-                                               r.output_dir)
-        validation.log_images(acc, images, step)
+        with acc.autocast():
+            generate()
     acc.wait_for_everyone()
+
+
+def preview(r: Run, step: int) -> None:
+    """Preview generations, written as images and logged."""
+    def run() -> None:
+        images = validation.write_previews(r.pipe, r.val_set.records, r.val_set.settings, r.cfg, step, r.output_dir)
+        validation.log_images(r.accelerator, images, step)
+    on_main_process(r, step, "previews", run)
 
 
 def scene_metrics(r: Run, step: int) -> None:
-    """evaluate.py's scene metrics of a few generated val scenes, on the main process (the others wait)."""
-    acc = r.accelerator
-    if acc.distributed_type == "FSDP":
-        logger.info("step %d: scene metrics skipped under FSDP (the model is sharded across processes)", step)
-        return
-    if acc.is_main_process:
-        with acc.autocast():  # generate_meshes runs the models in eval mode and restores their modes
-            values = validation.scene_metrics(r.pipe, r.val_set.records, r.val_set.settings, r.cfg)
+    """evaluate.py's scene metrics of a few generated val scenes, logged as val/* scalars."""
+    def run() -> None:
+        values = validation.scene_metrics(r.pipe, r.val_set.records, r.val_set.settings, r.cfg)
         if values:
-            acc.log({f"val/{k}": x for k, x in values.items()}, step=step)
+            r.accelerator.log({f"val/{k}": x for k, x in values.items()}, step=step)
             logger.info("step %d: scene metrics %s", step, ", ".join(f"{k} {x:.4f}" for k, x in values.items()))
         else:
             logger.warning("step %d: scene metrics: no val scene could be scored", step)
-    acc.wait_for_everyone()
+    on_main_process(r, step, "scene metrics", run)
 
 
 def finish(r: Run, state: TrainerState) -> None:
