@@ -8,6 +8,7 @@ from midi.config import TrainingConfig
 from midi.config_load import load_config
 from midi.data.jobs import PrepareOptions
 from midi.data.prepare import prepare_synthetic
+from midi.training import objective
 
 REPO = Path(__file__).resolve().parents[2]
 UPSTREAM_PIPELINE = REPO / "tests" / "fixtures" / "upstream" / "tiny_pipeline"
@@ -45,3 +46,17 @@ def tiny_config(data_root: Path, output_dir: Path, *extra: str, max_steps: int =
     """The :func:`tiny_args` run as a config object."""
     args = tiny_args(data_root, output_dir, *extra, max_steps=max_steps)
     return load_config(args[1], args[2:])
+
+
+def nan_steps(steps: set[int]):
+    """A stand-in for objective.training_step whose loss is NaN at the given (1-based) call numbers."""
+    real, calls = objective.training_step, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] in steps:
+            return objective.StepOutput(out.loss * float("nan"), out.sigmas, out.dropped, out.num_rows, out.num_tokens)
+        return out
+
+    return poisoned

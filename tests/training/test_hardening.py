@@ -14,8 +14,7 @@ import torch
 
 import train_lora
 from midi.training.checkpoints import list_checkpoints
-from midi.training.objective import StepOutput
-from training.conftest import tiny_args, tiny_config
+from training.conftest import nan_steps, tiny_args, tiny_config
 
 
 def _main(argv: list[str]) -> int:
@@ -131,29 +130,16 @@ def test_stale_temporary_folders_are_removed_and_half_deleted_checkpoints_do_not
 
 
 # ----------------------------------------------------------------------------- item 15: non-finite steps
-def _nan_steps(steps: set[int]):
-    from midi.training import objective as training
-
-    real, calls = training.training_step, {"n": 0}
-
-    def poisoned(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] in steps:
-            return StepOutput(out.loss * float("nan"), out.sigmas, out.dropped, out.num_rows, out.num_tokens)
-        return out
-
-    return poisoned
 
 
 def test_resuming_an_emergency_checkpoint_resets_the_count_and_names_the_scenes(data_root, tmp_path, capsys,
                                                                                monkeypatch):
     out = tmp_path / "run"
-    monkeypatch.setattr("midi.training.objective.training_step", _nan_steps({1, 2}))
+    monkeypatch.setattr("midi.training.objective.training_step", nan_steps({1, 2}))
     assert _main(tiny_args(data_root, out, "--train.max_consecutive_nonfinite", "2")) == 1  # a failed run, not bad input
     (line,) = _error_lines(capsys)
     assert "2 non-finite steps in a row" in line and "non-finite loss in scenes: synthetic_" in line
-    monkeypatch.setattr("midi.training.objective.training_step", _nan_steps({1}))  # one more bad step after the resume
+    monkeypatch.setattr("midi.training.objective.training_step", nan_steps({1}))  # one more bad step after the resume
     assert _main(tiny_args(data_root, out, "--train.max_consecutive_nonfinite", "2", "--resume_from_checkpoint",
                            str(out / "emergency-2"), max_steps=4)) == 0
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())

@@ -19,8 +19,7 @@ import torch
 
 import train_lora
 from midi.training import metrics
-from midi.training.objective import StepOutput
-from training.conftest import REPO, TINY_YAML, tiny_args
+from training.conftest import REPO, TINY_YAML, nan_steps, tiny_args
 
 
 def _reset_accelerate() -> None:
@@ -35,13 +34,6 @@ def _main(argv: list[str]) -> int:
     _reset_accelerate()
     return train_lora.main(argv)
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: more threads only add contention on small CI machines
-    yield
-    torch.set_num_threads(threads)
 
 
 def _record_losses(monkeypatch) -> list[float]:
@@ -180,24 +172,10 @@ def test_an_unusable_output_folder_is_one_error_line(data_root, tmp_path, capsys
     assert err.startswith("error: ") and str(blocker) in err and "Traceback" not in err
 
 
-def _nan_step(steps_to_poison: set[int]):
-    from midi.training import objective as training
-
-    real = training.training_step
-    calls = {"n": 0}
-
-    def poisoned(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] in steps_to_poison:
-            return StepOutput(out.loss * float("nan"), out.sigmas, out.dropped, out.num_rows, out.num_tokens)
-        return out
-
-    return poisoned
 
 
 def test_a_nonfinite_step_is_skipped_and_counted(data_root, tmp_path, monkeypatch):
-    monkeypatch.setattr("midi.training.objective.training_step", _nan_step({2}))
+    monkeypatch.setattr("midi.training.objective.training_step", nan_steps({2}))
     out = tmp_path / "run"
     assert _main(tiny_args(data_root, out, "--optimizer.lr_warmup_steps", "0")) == 0
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
@@ -205,7 +183,7 @@ def test_a_nonfinite_step_is_skipped_and_counted(data_root, tmp_path, monkeypatc
 
 
 def test_repeated_nonfinite_steps_stop_with_an_emergency_checkpoint(data_root, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("midi.training.objective.training_step", _nan_step({1, 2, 3, 4}))
+    monkeypatch.setattr("midi.training.objective.training_step", nan_steps({1, 2, 3, 4}))
     out = tmp_path / "run"
     assert _main(tiny_args(data_root, out, "--train.max_consecutive_nonfinite", "2")) == 1  # a failed run, not bad input
     err = capsys.readouterr().err

@@ -24,13 +24,6 @@ from training.conftest import NUM_POINTS, tiny_args, tiny_config
 FAST = ("--validation.num_inference_steps", "2", "--validation.octree_depth", "4")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: more threads only add contention on small CI machines
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def setup(data_root, tmp_path_factory):
