@@ -8,12 +8,14 @@ import pytest
 import trimesh
 from scipy.spatial.distance import cdist
 from scipy.spatial.transform import Rotation
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from midi.data.camera import Camera, camera_record
 from midi.data.dataset import SceneRecord
 from midi.data.images import instance_colours
 from midi.evaluation import MAX_OBJECT_CD, METRIC_KEYS, score_points
 from midi.evaluation.metrics import kabsch
+from midi.evaluation.nearest import BACKENDS, Tree, coherent_order, threads
 from midi.evaluation.predictions import EvalError, SceneTruth, predict_from_file, read_scene_meshes
 from midi.evaluation.report import bootstrap_ci, compare, comparison_image, difference_image, splat, summarise
 
@@ -35,40 +37,44 @@ def scene():
 
 
 # ---------------------------------------------------------------------------------------- reference
-def reference(pred: list[np.ndarray], gt: list[np.ndarray], tau: float) -> dict[str, float]:
-    """Upstream's compute_metrics with use_icp=False, written independently with dense cdist."""
+def dense_cd_f(p: np.ndarray, g: np.ndarray, tau: float) -> tuple[float, float, float]:
+    """``(cd_1, cd_2, F)`` from the full distance matrix: no tree, no ordering, no pruning."""
+    d = cdist(p, g)  # (N, M) plain distances
+    d_pg, d_gp = d.min(1), d.min(0)
+    precision, recall = (d_pg < tau).mean(), (d_gp < tau).mean()
+    return (d_pg**2).mean(), (d_gp**2).mean(), 2 * precision * recall / (precision + recall + 1e-8)
 
-    def cd_f(p, g):
-        d = cdist(p, g)  # (N, M) plain distances
-        d_pg, d_gp = d.min(1), d.min(0)
-        precision, recall = (d_pg < tau).mean(), (d_gp < tau).mean()
-        return (d_pg**2).mean(), (d_gp**2).mean(), 2 * precision * recall / (precision + recall + 1e-8)
 
-    def norm(x):
-        lo, hi = x.min(0), x.max(0)
-        r = np.where(hi - lo == 0, 1, hi - lo)
-        return 1.9 * (x - lo) / r - 0.95
+def norm(x: np.ndarray) -> np.ndarray:
+    lo, hi = x.min(0), x.max(0)
+    r = np.where(hi - lo == 0, 1, hi - lo)
+    return 1.9 * (x - lo) / r - 0.95
+
+
+def reference(
+    pred: list[np.ndarray], gt: list[np.ndarray], tau: float, objects: list[np.ndarray] | None = None
+) -> dict[str, float]:
+    """Upstream's compute_metrics with use_icp=False, written independently with dense cdist.
+
+    ``objects``: the normalised predicted clouds to score at object level (default: ``norm(pred)``),
+    e.g. after an alignment; the scene level scores ``pred`` as given.
+    """
 
     def iou(p, g):
         inter = np.prod(np.clip(np.minimum(p.max(0), g.max(0)) - np.maximum(p.min(0), g.min(0)), 0, None))
         vp, vg = np.prod(p.max(0) - p.min(0)), np.prod(g.max(0) - g.min(0))
         return inter / (vp + vg - inter + 1e-8)
 
-    c1, c2, f = cd_f(np.concatenate(pred), np.concatenate(gt))
-    objects = [
-        cd_f(
-            norm(p),
-            norm(g),
-        )
-        for p, g in zip(pred, gt)
-    ]
+    c1, c2, f = dense_cd_f(np.concatenate(pred), np.concatenate(gt), tau)
+    objects = [norm(p) for p in pred] if objects is None else objects
+    scores = [dense_cd_f(o, norm(g), tau) for o, g in zip(objects, gt)]
     return {
         "scene_cd": c1 + c2,
         "scene_cd_1": c1,
         "scene_cd_2": c2,
         "scene_fscore": f,
-        "object_cd": np.mean([a + b for a, b, _ in objects]),
-        "object_fscore": np.mean([o[2] for o in objects]),
+        "object_cd": np.mean([a + b for a, b, _ in scores]),
+        "object_fscore": np.mean([o[2] for o in scores]),
         "iou_bbox": np.mean([iou(p, g) for p, g in zip(pred, gt)]),
     }
 
@@ -83,6 +89,118 @@ def test_no_alignment_matches_upstream_formulas(scene, noise):
     for key in METRIC_KEYS:
         assert got[key] == pytest.approx(want[key], abs=1e-10, rel=1e-10), key
     assert got["scene_fscore"] < 1 if noise > 0.01 else True
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fast_path_matches_brute_force_across_instances(scene, backend):
+    """Coherent order, per-cloud trees and either backend give the dense cdist numbers, also
+    where a point's nearest neighbour at scene level lies in another instance."""
+    rng = np.random.default_rng(4)
+    pred = [
+        scene[1][::2] + rng.normal(0, 0.01, (300, 3)),  # instance 0 predicted onto instance 1's surface
+        scene[1] + rng.normal(0, 0.01, scene[1].shape),
+        (scene[0] + scene[2]) / 2 + rng.normal(0, 0.01, scene[2].shape),  # between instances 0 and 2
+    ]
+    owner = np.repeat(np.arange(len(scene)), [len(g) for g in scene])
+    assert (owner[cdist(pred[0], np.concatenate(scene)).argmin(1)] != 0).mean() > 0.9  # the case is real
+    got, want = score_points(pred, scene, align="none", backend=backend), reference(pred, scene, TAU)
+    for key in METRIC_KEYS:
+        assert got[key] == pytest.approx(want[key], abs=1e-12, rel=1e-12), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_missing_and_extra_clouds_match_brute_force(scene, backend):
+    rng = np.random.default_rng(7)
+    pred = [scene[0] + rng.normal(0, 0.02, scene[0].shape), None, scene[2][:400] + 0.03]
+    extra = [scene[1][:200] + 0.05, rng.uniform(-1, 1, (50, 3))]
+    got = score_points(
+        pred, scene, align="none", tau=[TAU, 0.04], extra=extra, missing_cd=5.0, backend=backend
+    )
+    scene_pred, scene_gt = np.concatenate([pred[0], pred[2]] + extra), np.concatenate(scene)
+    for tau, key in [(TAU, "scene_fscore"), (0.04, "scene_fscore@0.04")]:
+        assert got[key] == pytest.approx(dense_cd_f(scene_pred, scene_gt, tau)[2], abs=1e-12), key
+    c1, c2, _ = dense_cd_f(scene_pred, scene_gt, TAU)
+    assert (got["scene_cd_1"], got["scene_cd_2"]) == pytest.approx((c1, c2), rel=1e-12)
+    objects = [dense_cd_f(norm(pred[k]), norm(scene[k]), TAU) for k in (0, 2)]
+    assert got["object_cd"] == pytest.approx((sum(a + b for a, b, _ in objects) + 5.0) / 3, rel=1e-12)
+    assert got["object_fscore"] == pytest.approx(sum(f for _, _, f in objects) / 3, abs=1e-12)
+
+
+def test_backends_and_input_order_give_the_same_numbers(scene):
+    rng = np.random.default_rng(5)
+    turn = Rotation.from_rotvec([0.02, 0.08, 0.0]).as_matrix()
+    pred = [g @ turn.T + rng.normal(0, 0.01, g.shape) + [0.02, 0, 0] for g in scene]
+    shuffled_gt = [g[rng.permutation(len(g))] for g in scene]
+    for align in ("none", "similarity", "icp"):
+        runs = [score_points(pred, scene, align=align, backend=b) for b in BACKENDS]
+        runs.append(score_points(pred, shuffled_gt, align=align))
+        if align != "icp":  # ICP's seeded subset is drawn in the order the predictions come in
+            runs.append(score_points([p[::-1] for p in pred], scene, align=align))
+        for run in runs[1:]:
+            for key in METRIC_KEYS:
+                assert run[key] == pytest.approx(runs[0][key], rel=1e-12, abs=1e-15), (align, key)
+
+
+def reference_icp(src: np.ndarray, dst: np.ndarray, rng: np.random.Generator, fit_points: int) -> np.ndarray:
+    """Plain ICP: dense nearest neighbours, Kabsch on a seeded subset, upstream's stopping rule."""
+    fit = src if len(src) <= fit_points else src[rng.choice(len(src), fit_points, replace=False)]
+    rotation, shift, prev = np.eye(3), np.zeros(3), np.inf
+    for _ in range(50):
+        paired = dst[cdist(fit, dst).argmin(1)]
+        r, t = kabsch(fit, paired)
+        fit = fit @ r.T + t
+        rotation, shift = r @ rotation, r @ shift + t
+        error = np.linalg.norm(fit - paired, axis=1).mean()
+        if abs(prev - error) < 1e-5:
+            break
+        prev = error
+    return src @ rotation.T + shift
+
+
+def test_icp_is_plain_icp_with_exact_correspondences(scene):
+    """Coherent query order and reordered clouds leave ICP's correspondences, subset and fits as
+    a plain ICP's (a subset drawn in another order would move the result by ~1e-4)."""
+    rng = np.random.default_rng(8)
+    turn = Rotation.from_rotvec([0.05, 0.15, -0.05]).as_matrix()
+    moved = [g @ turn.T + rng.normal(0, 0.01, g.shape) + [0.03, -0.02, 0.0] for g in scene]
+    got = score_points(moved, scene, align="icp", icp_points=200)
+    scene_pred = reference_icp(np.concatenate(moved), np.concatenate(scene), np.random.default_rng(0), 200)
+    objects_rng = np.random.default_rng(0)  # one generator across the objects, in instance order
+    objects = [reference_icp(norm(p), norm(g), objects_rng, 200) for p, g in zip(moved, scene)]
+    c1, c2, f = dense_cd_f(scene_pred, np.concatenate(scene), TAU)
+    per_object = [dense_cd_f(o, norm(g), TAU) for o, g in zip(objects, scene)]
+    assert (got["scene_cd_1"], got["scene_cd_2"]) == pytest.approx((c1, c2), rel=1e-9)
+    assert got["scene_fscore"] == pytest.approx(f, abs=1e-12)
+    assert got["object_cd"] == pytest.approx(np.mean([a + b for a, b, _ in per_object]), rel=1e-9)
+    assert got["object_fscore"] == pytest.approx(np.mean([o[2] for o in per_object]), abs=1e-12)
+    assert got["scene_cd"] < 0.5 * score_points(moved, scene, align="none")["scene_cd"]  # ICP did move it
+
+
+def test_coherent_order_is_a_local_permutation():
+    points = np.random.default_rng(6).uniform(-1, 1, (4000, 3))
+    order = coherent_order(points)
+    assert np.array_equal(np.sort(order), np.arange(len(points)))
+
+    def mean_step(x):
+        return np.linalg.norm(np.diff(x, axis=0), axis=1).mean()
+
+    assert mean_step(points[order]) < 0.25 * mean_step(points)
+    assert coherent_order(np.ones((5, 3))).tolist() == [0, 1, 2, 3, 4]  # no extent: kept as is
+
+
+@pytest.mark.skipif("pykdtree" not in BACKENDS, reason="pykdtree is not installed")
+def test_pykdtree_runs_on_the_requested_threads():
+    Tree(np.zeros((4, 3)), "pykdtree")
+
+    def pykdtree_threads():
+        return [i["num_threads"] for i in threadpool_info() if "pykdtree" in i["filepath"]]
+
+    with threadpool_limits(limits=2):  # whatever OMP_NUM_THREADS says, start from 2 threads
+        with threads(1, "pykdtree"):
+            assert pykdtree_threads() == [1]
+        assert pykdtree_threads() == [2]  # and back after
+    with pytest.raises(ValueError, match="backend 'nope' is not available"):
+        score_points([np.zeros((4, 3))], [np.zeros((4, 3))], align="none", backend="nope")
 
 
 def test_identical_clouds(scene):
