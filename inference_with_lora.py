@@ -18,11 +18,8 @@ written); 1 an output that cannot be written (``error: <file>: <reason>``, e.g. 
 permission; none of that scene's files is left, and batch mode stops there since the next scenes
 would fail the same way; scenes already done are kept), a scene that produced no surface at all,
 or one that ran out of memory (``error: <scene>: out of memory during <stage>; ...``; batch mode
-goes on with the next scene after these two).
-
-RGBA images are composited on white by default; upstream's script drops the alpha channel
-instead, so ``--instance_order upstream`` alone does not reproduce upstream's results for RGBA
-inputs: add ``--rgba upstream`` for that.
+goes on with the next scene after these two). For upstream's results on RGBA images add ``--rgba upstream``
+to ``--instance_order upstream`` (see :mod:`midi.inference.scene`).
 """
 
 from __future__ import annotations
@@ -179,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     when a scene's files could not be written (batch mode stops there).
     """
     args = parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # a no-op under a configured root
     logging.getLogger("midi").setLevel(logging.INFO)
     logger.setLevel(logging.INFO)
     jobs = check_args(args)

@@ -1,10 +1,11 @@
-"""LoRA finetuning of MIDI-3D (multi-instance diffusion: one image + instance masks -> a 3D scene).
+"""LoRA (or full) finetuning of MIDI-3D (multi-instance diffusion: one image + instance masks -> a 3D scene).
 
 One GPU or CPU::
 
     python train_lora.py --config configs/train/lora_finetune.yaml
     python train_lora.py --config configs/train/tiny.yaml                  # CPU demo, about a minute
     python train_lora.py --config configs/train/tiny.yaml --train.max_steps 50 --lora.rank=8
+    python train_lora.py --config configs/train/mini_pretrain.yaml   # full finetune -> a pipeline folder
 
 Several GPUs / nodes (same flags; see TRAINING_README.md)::
 
@@ -34,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from midi.config import BEST_DIR, DEFAULT_CONFIG, FINAL_DIR, config_to_yaml
+from midi.config import BEST_DIR, DEFAULT_CONFIG, config_to_yaml, final_dir
 from midi.config_load import load_config
 from midi.errors import TrainingError, run_cli
 
@@ -259,7 +260,7 @@ def log_metrics(r: Run, state: TrainerState, meter: ThroughputMeter, grad_norm: 
 
 
 def validate(r: Run, state: TrainerState) -> None:
-    """Validation loss; the best adapter so far is exported to ``best/``."""
+    """Validation loss; the best adapter (or pipeline) so far is exported to ``best/``."""
     acc = r.accelerator
     # FSDP: the wrapped model gathers its shards in forward; the unwrapped one holds only this process's shard.
     model = r.model if acc.distributed_type == "FSDP" else acc.unwrap_model(r.model)
@@ -271,8 +272,8 @@ def validate(r: Run, state: TrainerState) -> None:
         with checkpoints.full_parameters(acc, r.model):
             if acc.is_main_process:
                 record = f'{{"step": {state.global_step}, "val_loss": {loss!r}}}\n'
-                checkpoints.export_adapter(r.pipe, r.output_dir / BEST_DIR, r.cfg, state, r.cfg.model.mi_blocks,
-                                           verify=False, dtype=r.weight_dtype, extra_files={"best.json": record})
+                checkpoints.export_model(r.pipe, r.output_dir / BEST_DIR, r.cfg, state, verify=False,
+                                         dtype=r.weight_dtype, extra_files={"best.json": record})
     acc.wait_for_everyone()
 
 
@@ -313,14 +314,14 @@ def scene_metrics(r: Run, step: int) -> None:
 
 
 def finish(r: Run, state: TrainerState) -> None:
-    """Exports ``lora-final/`` and checks it through the inference path, then closes the trackers."""
+    """Exports ``lora-final/`` (``pipeline-final/``), checks it through the inference path, closes the trackers."""
     acc = r.accelerator
     acc.wait_for_everyone()
     with checkpoints.full_parameters(acc, r.model):
         if acc.is_main_process:
-            path = checkpoints.export_adapter(r.pipe, r.output_dir / FINAL_DIR, r.cfg, state, r.cfg.model.mi_blocks,
-                                              verify=True, dtype=r.weight_dtype)
-            logger.info("final adapter: %s (%d steps, %d skipped as non-finite)", path, state.global_step,
+            path = checkpoints.export_model(r.pipe, r.output_dir / final_dir(r.cfg), r.cfg, state, verify=True,
+                                            dtype=r.weight_dtype)
+            logger.info("final export: %s (%d steps, %d skipped as non-finite)", path, state.global_step,
                         state.nonfinite_steps)
     acc.wait_for_everyone()
     acc.end_training()

@@ -36,6 +36,7 @@ DEFAULT_CONFIG = "configs/train/lora_finetune.yaml"  # what a plain `python trai
 TIMESTEP_SAMPLINGS = ("logit_normal", "logit_normal_dist", "mode", "uniform")
 LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 SPLITS = ("train", "val", "test", "all")
+FINETUNE_METHODS = ("lora", "full")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 # The run folder (train.output_dir) and the adapter folders in it.
@@ -43,11 +44,26 @@ CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 FINAL_DIR = "lora-final"
+FULL_FINAL_DIR = "pipeline-final"  # model.finetune: full exports a whole pipeline folder instead of an adapter
 BEST_DIR = "best"
 ADAPTER_SUBDIR = "lora"
 METADATA_FILE = "midi_adapter.json"
+TRAINING_FILE = "midi_training.json"  # a full-finetune export's record: step, base model, config, export check
 CUSTOM_ADAPTER_FILE = "custom_adapter.safetensors"
 DRY_RUN_JSON = "dry_run.json"
+
+
+def trained_models(cfg: TrainingConfig) -> tuple[str, ...]:
+    """The pipeline components whose weights training changes (LoRA adapters or, with
+    ``model.finetune: full``, the weights themselves), in pipeline order."""
+    if cfg.model.finetune == "full":
+        return ("transformer", *(("image_encoder_1", "image_encoder_2") if cfg.model.train_image_encoders else ()))
+    return tuple(name for name in ("transformer", "image_encoder_1", "image_encoder_2") if getattr(cfg.lora, name))
+
+
+def final_dir(cfg: TrainingConfig) -> str:
+    """The final export's folder name in the run folder: ``lora-final`` or, full finetuning, ``pipeline-final``."""
+    return FULL_FINAL_DIR if cfg.model.finetune == "full" else FINAL_DIR
 
 
 def is_tiny(model: str | Path) -> bool:
@@ -98,8 +114,15 @@ class ModelConfig:
         TINY_MODEL, "MIDI-3D pipeline folder in the released layout, a Hub id already in the local cache, or `tiny` "
                     "(a toy pipeline built in-process by `midi.tiny`, for tests and demos)")
     tiny_seed: int = _field(0, "seed of the 'tiny' pipeline's random weights (ignored otherwise)")
-    mi_blocks: list[str] = _field(list(DEFAULT_MI_BLOCKS), "transformer blocks whose self-attention is multi-instance "
-                                                     "(exact names; upstream uses blocks 8-12 of 21)")
+    finetune: str = _field("lora", "`lora`: train PEFT adapters (the lora section), export `lora-final/`; `full`: "
+                                   "train every transformer weight (no LoRA; lora.* must stay at their defaults), "
+                                   "export a complete pipeline folder `pipeline-final/`", choices=FINETUNE_METHODS)
+    train_image_encoders: bool = _field(False, "with model.finetune: full, also train every weight of both image "
+                                               "encoders (CLIP, DINOv2); their embeddings are then not cached")
+    mi_blocks: list[str] | None = _field(list(DEFAULT_MI_BLOCKS), "transformer blocks whose self-attention is "
+                                         "multi-instance (exact names; upstream uses blocks 8-12 of 21); `null` = "
+                                         "the model's own (the release's, the tiny model's, or the `_mi_blocks` its "
+                                         "transformer/config.json records)")
     gradient_checkpointing: bool = _field(True, "recompute block activations in backward: much less activation "
                                                 "memory, ~30% slower steps")
     vae_slicing_length: int | None = _field(8, "VAE-encode this many objects at a time (bounds the VAE's memory); "
@@ -203,7 +226,8 @@ class OptimizerConfig:
 class TrainConfig:
     """The run: output folder, batch, length, precision."""
 
-    output_dir: str = _field("outputs/midi-lora", "run folder: config, logs, checkpoints, lora-final/")
+    output_dir: str = _field("outputs/midi-lora", "run folder: config, logs, checkpoints, lora-final/ (pipeline-final/ "
+                                                  "with model.finetune: full)")
     seed: int = _field(42, "seeds the data order, views, subsets, sigmas, noise, condition dropout and LoRA dropout")
     batch_size: int = _field(4, "scenes per process per micro-step (all their instances)", ge=1)
     gradient_accumulation_steps: int = _field(1, "micro-steps per optimizer step", ge=1)
@@ -211,7 +235,7 @@ class TrainConfig:
     num_epochs: int = _field(100, "epochs to run when train.max_steps is null")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _field(
         "auto", "`auto` = bf16 on GPUs that have it, fp32 otherwise; `no`, `bf16`, `fp16` (GPU only). Frozen weights "
-                "are stored in that dtype, LoRA weights stay fp32; the VAE is always fp32")
+                "are stored in that dtype, trained ones (LoRA, or the full models) stay fp32; the VAE is always fp32")
     allow_tf32: bool = _field(True, "allow TF32 matmuls on Ampere+ GPUs")
     max_consecutive_nonfinite: int = _field(5, "a step with a non-finite loss or gradient is skipped (no update) and "
                                                "counted; after this many in a row training stops with an emergency "
@@ -226,7 +250,8 @@ class CheckpointingConfig:
     checkpoints_total_limit: int | None = _field(3, "keep only the newest N checkpoints (null = keep all)", ge=1)
     resume_from_checkpoint: str | None = _field(None, "latest, a checkpoint folder, or null (also --resume_from_checkpoint)")
     verify_exports: bool = _field(False, "also reload every checkpoint's adapter through the inference path "
-                                         "(`lora-final/` is always checked)")
+                                         "(`lora-final/` and `pipeline-final/` are always checked; LoRA only: a "
+                                         "full-finetune checkpoint holds the bare trained models)")
 
 
 @dataclass
@@ -327,23 +352,3 @@ def config_to_yaml(cfg: TrainingConfig, comments: bool = False) -> str:
             text = yaml.safe_dump({key: value}, default_flow_style=True, width=10**6).strip()[1:-1]
             lines.append(f"  {text}  # {key_doc(f'{section}.{key}')}")
     return "\n".join(lines) + "\n"
-
-
-def render_key_tables(cfg: TrainingConfig) -> str:
-    """TRAINING_README's key tables (Markdown): every key with its value in ``cfg`` and its doc.
-
-    The README shows them for :data:`DEFAULT_CONFIG` and a test keeps them equal, so the schema
-    docs and the default config are the one source of both.
-    """
-
-    def show(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:g}"
-        text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
-        return text if value is None or isinstance(value, bool | int) else f"`{text}`"
-
-    out = []
-    for section, body in config_to_dict(cfg).items():
-        out += [f"### {section}", "", "| key | default | meaning |", "| --- | --- | --- |"]
-        out += [f"| `{section}.{k}` | {show(v)} | {key_doc(f'{section}.{k}')} |" for k, v in body.items()] + [""]
-    return "\n".join(out)

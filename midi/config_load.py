@@ -25,6 +25,7 @@ import yaml
 from midi.config import (
     DEFAULT_TARGET_MODULES,
     SECTIONS,
+    LoraSection,
     TrainingConfig,
     all_keys,
     check_model_path,
@@ -254,17 +255,34 @@ def _validate_model(cfg: TrainingConfig, p: list[str]) -> None:
     m = cfg.model
     if not m.pretrained_model_name_or_path:
         p.append("model.pretrained_model_name_or_path: must be a pipeline folder, a cached Hub id or 'tiny'")
-    if not m.mi_blocks:
-        p.append("model.mi_blocks: must name at least one block (upstream MIDI: blocks.8 ... blocks.12)")
-    for name in m.mi_blocks:
+    # null is resolved from the model before it loads (midi.training.build.resolve_mi_blocks)
+    if m.mi_blocks is not None and not m.mi_blocks:
+        p.append("model.mi_blocks: must name at least one block (upstream MIDI: blocks.8 ... blocks.12), or null for "
+                 "the model's own")
+    for name in m.mi_blocks or []:
         if not _BLOCK_NAME.match(name):
             p.append(f"model.mi_blocks: {name!r} is not a block name like 'blocks.8'")
-    if len(set(m.mi_blocks)) != len(m.mi_blocks):
+    if m.mi_blocks and len(set(m.mi_blocks)) != len(m.mi_blocks):
         p.append("model.mi_blocks: lists a block twice")
+    if m.finetune == "lora" and m.train_image_encoders:
+        p.append("model.train_image_encoders: only applies to model.finetune: full; for LoRA adapters on the "
+                 "encoders set lora.image_encoder_1 / lora.image_encoder_2 instead")
+    if m.finetune == "full" and cfg.checkpointing.verify_exports:
+        p.append("checkpointing.verify_exports: only checks LoRA checkpoints (a full-finetune checkpoint holds the bare "
+                 "trained models; pipeline-final/ is always checked); set it to false")
 
 
 def _validate_lora(cfg: TrainingConfig, p: list[str]) -> None:
     lo = cfg.lora
+    if cfg.model.finetune == "full":
+        # Defaults are ignored (so a LoRA config can be switched with --model.finetune full); a chosen value
+        # would silently do nothing, so it is refused.
+        default = LoraSection()
+        for key in section_fields("lora"):
+            if getattr(lo, key) != getattr(default, key):
+                p.append(f"lora.{key}: only used by model.finetune: lora (full finetuning trains the weights "
+                         "themselves); remove it, or set model.finetune: lora")
+        return
     if lo.init_lora_weights not in (True, "gaussian"):
         p.append(f"lora.init_lora_weights: must be true or 'gaussian', got {lo.init_lora_weights!r}")
     if not (lo.transformer or lo.image_encoder_1 or lo.image_encoder_2):

@@ -41,14 +41,8 @@ class MidiError(Exception):
 class ConfigError(MidiError, ValueError):
     """One or more config problems, all at once (``problems``: one line each, naming the key)."""
 
-    def __init__(self, problems: Sequence[str] = (), source: str | os.PathLike[str] | None = None, *,
-                 path: str | os.PathLike[str] | None = None) -> None:
-        super().__init__(path=path if path is not None else source, problems=problems)
-
-    @property
-    def source(self) -> str | None:
-        """The config file the problems are in (None: the command line or the defaults)."""
-        return self.path
+    def __init__(self, problems: Sequence[str] = (), source: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(path=source, problems=problems)  # source: the config file (None: the command line)
 
 
 class InputError(MidiError):

@@ -31,7 +31,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from midi.config import CUSTOM_ADAPTER_FILE, DEFAULT_TARGET_MODULES, METADATA_FILE
-from midi.data.atomic import atomic_write, commit_dir, make_tmp_dir, write_json
+from midi.data.atomic import commit_dir, make_tmp_dir, write_bytes, write_json
 from midi.errors import AdapterError
 
 ADAPTER_MODELS = ("transformer", "image_encoder_1", "image_encoder_2")
@@ -40,9 +40,7 @@ PEFT_PREFIX = "base_model.model."  # PeftModel's key prefix for the wrapped mode
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Writes a safetensors file atomically (tensors are made contiguous, as safetensors requires)."""
-    payload = safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
-    with atomic_write(path, "wb") as f:
-        f.write(payload)
+    write_bytes(path, safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
 def read_adapter_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -62,9 +60,8 @@ def read_adapter_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def lora_config_dict(rank: int = 16, alpha: float = 16, dropout: float = 0.0,
-                     target_modules: Sequence[str] | str = tuple(DEFAULT_TARGET_MODULES),
-                     init_lora_weights: bool | str = True, use_dora: bool = False, use_rslora: bool = False,
-                     ) -> dict[str, Any]:
+                     target_modules: Sequence[str] | str = DEFAULT_TARGET_MODULES, init_lora_weights: bool | str = True,
+                     use_dora: bool = False, use_rslora: bool = False) -> dict[str, Any]:
     """Keyword arguments for ``peft.LoraConfig`` (what ``init_custom_adapter`` takes).
     ``init_lora_weights=True`` zero-initialises B, so the adapted model starts as the base model."""
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
@@ -82,12 +79,8 @@ def matched_lora_targets(model: torch.nn.Module, target_modules: Sequence[str] |
 
 def lora_state_dicts(pipe) -> dict[str, dict[str, torch.Tensor]]:
     """PEFT state dicts (adapter name stripped) of every model that carries a LoRA adapter."""
-    out = {}
-    for name in ADAPTER_MODELS:
-        model = getattr(pipe, name)
-        if getattr(model, "peft_config", None):
-            out[name] = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-    return out
+    return {name: {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(getattr(pipe, name)).items()}
+            for name in ADAPTER_MODELS if getattr(getattr(pipe, name), "peft_config", None)}
 
 
 def export_lora(pipe, out_dir: str | os.PathLike, mi_blocks: Sequence[str] | None,
@@ -126,9 +119,8 @@ def export_lora(pipe, out_dir: str | os.PathLike, mi_blocks: Sequence[str] | Non
 def _config_to_dict(config: LoraConfig) -> dict[str, Any]:
     keep = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora", "init_lora_weights")
     data = {k: getattr(config, k) for k in keep}
-    if isinstance(data["target_modules"], set):
-        data["target_modules"] = sorted(data["target_modules"])
-    return data
+    targets = data["target_modules"]  # PEFT turns a list into a set
+    return data | {"target_modules": sorted(targets) if isinstance(targets, set) else targets}
 
 
 def _read_metadata(path: Path) -> dict[str, Any] | None:
@@ -237,10 +229,8 @@ def _read_custom_adapter(file: Path, metadata_file: Path) -> LoadedAdapter:
 
 def check_base_model(adapter: LoadedAdapter, transformer) -> None:
     """Raises when the adapter was trained on a transformer of a different shape."""
-    if not adapter.base_transformer_config:
-        return
     current = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
-    diffs = {k: (v, current.get(k)) for k, v in adapter.base_transformer_config.items() if current.get(k) != v}
+    diffs = {k: (v, current.get(k)) for k, v in (adapter.base_transformer_config or {}).items() if current.get(k) != v}
     if diffs:
         text = ", ".join(f"{k}: adapter {a} vs model {b}" for k, (a, b) in sorted(diffs.items()))
         raise AdapterError(f"{adapter.source}: LoRA was trained on a different base model ({text})")

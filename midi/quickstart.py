@@ -40,7 +40,7 @@ from midi.config import (
 )
 from midi.config_load import load_config
 from midi.data import atomic, layout
-from midi.errors import InputError, MidiError, TrainingError
+from midi.errors import InputError, TrainingError, run_cli
 
 REPO_ROOT = memory_plan.REPO_ROOT
 TINY_CONFIG, REAL_CONFIG = "configs/train/tiny.yaml", "configs/train/lora_finetune.yaml"
@@ -121,10 +121,7 @@ def doctor(requirements: Path = REPO_ROOT / "requirements.txt", disk: Path = REP
         name, pinned, wanted = line.split("#", 1)[0].strip().partition("==")
         if not pinned:
             continue
-        try:
-            got = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            got = None
+        got = next((dist.version for dist in importlib.metadata.distributions(name=name)), None)  # None: missing
         if got is None and name not in OPTIONAL_PACKAGES:
             ok = False
             print(f"  [FAIL] {name} is not installed (fix: {sys.executable} -m pip install -r {rel(requirements)})")
@@ -204,7 +201,6 @@ class Wizard:
         self.args, self.ask = args, ask
         self.runs_dir = Path(os.path.abspath(args.runs_dir))
         self.created: list[Path] = []
-        self.command, self.training = "", False
 
     def run(self) -> None:
         print("MIDI-3D LoRA quickstart: sets up a finetuning run in 7 steps.\nEvery question shows its default in "
@@ -354,8 +350,12 @@ class Wizard:
         if not self.ask.yes_no("Start training now?", True):
             print("Not started; run the command above when you are ready.")
             return
-        self.training = True
-        rc, self.training = subprocess.run(self.command, shell=True, cwd=REPO_ROOT).returncode, False
+        try:
+            rc = subprocess.run(self.command, shell=True, cwd=REPO_ROOT).returncode
+        except KeyboardInterrupt:
+            print(f"\ntraining interrupted; the run folder is kept. Continue with:\n  {self.command} "
+                  "--resume_from_checkpoint latest")
+            raise
         if rc:
             raise TrainingError(f"training stopped with exit code {rc} (see above); continue it with: "
                                 f"{self.command} --resume_from_checkpoint latest")
@@ -396,18 +396,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None, read: Callable[[str], str] = input) -> int:
     """Runs the wizard; returns the exit code (what was created is removed unless it finished)."""
     args = parse_args(argv)
-    wizard, code = Wizard(args, Asker(args.yes, read)), 0
+    wizard = Wizard(args, Asker(args.yes, read))
     try:
-        wizard.run()
-    except KeyboardInterrupt:
-        code = 130
-        print("\ntraining interrupted; the run folder is kept. Continue with:\n  "
-              f"{wizard.command} --resume_from_checkpoint latest" if wizard.training else "\ninterrupted")
-    except SystemExit as exc:
+        code = run_cli(lambda _: wizard.run() or 0)  # errors: one line each, the error's exit code; Ctrl-C: 130
+    except SystemExit as exc:  # SIGTERM: 143
         code = exc.code if isinstance(exc.code, int) else 1
-    except (MidiError, OSError) as exc:
-        code = getattr(exc, "exit_code", 2)
-        print(*(f"error: {line}" for line in str(exc).splitlines()), sep="\n", file=sys.stderr)
     if code:
         wizard.cleanup()
     return code

@@ -39,6 +39,10 @@ TINY_VAE = dict(in_channels=3, latent_channels=8, num_attention_heads=4, width_e
 TINY_MI_BLOCKS: tuple[str, ...] = ("blocks.3", "blocks.4")
 TINY_IMAGE_SIZE = 32
 RELEASE_NUM_LAYERS = 21  # the released transformer; its multi-instance blocks are DEFAULT_MI_BLOCKS
+# transformer/config.json key naming the multi-instance blocks of a model that is neither the release nor tiny.
+# Private (leading "_"): diffusers' from_config drops it from the constructor arguments without a warning and
+# keeps it in model.config, so save_pretrained writes it back and upstream's loader is unaffected.
+MI_BLOCKS_KEY = "_mi_blocks"
 ENCODER_CLASSES = {"image_encoder_1": CLIPVisionModelWithProjection, "image_encoder_2": Dinov2Model}
 
 
@@ -123,8 +127,9 @@ def meta_models(model: str, names: Sequence[str], *, tiny_seed: int = 0) -> dict
 
 
 def mi_blocks_for(model: str) -> tuple[str, ...]:
-    """The multi-instance blocks of a base model: the release's 8-12 (of 21), or the tiny model's;
-    ModelError for any other transformer (its blocks cannot be guessed: name them with mi_blocks)."""
+    """The multi-instance blocks of a base model: those its ``transformer/config.json`` records under
+    :data:`MI_BLOCKS_KEY` (midi-mini, full-finetune exports), else the release's 8-12 (of 21) or the tiny
+    model's; ModelError for any other transformer (its blocks cannot be guessed: name them with mi_blocks)."""
     if is_tiny(model):
         return TINY_MI_BLOCKS
     config_file = resolve_pipeline_folder(model) / "transformer" / "config.json"
@@ -132,13 +137,31 @@ def mi_blocks_for(model: str) -> tuple[str, ...]:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelError(f"unreadable transformer config ({exc})", path=config_file) from None
+    if MI_BLOCKS_KEY in config:
+        return _recorded_blocks(config, config_file)
     if config.get("num_layers") == RELEASE_NUM_LAYERS:
         return DEFAULT_MI_BLOCKS
     if all(config.get(k) == v for k, v in TINY_TRANSFORMER.items()):
         return TINY_MI_BLOCKS
     raise ModelError(f"the transformer has {config.get('num_layers')} layers; multi-instance blocks are known only "
-                     f"for the release ({RELEASE_NUM_LAYERS} layers: blocks 8-12) and the tiny model: name them "
-                     "(--mi_blocks / model.mi_blocks)", path=config_file)
+                     f"for the release ({RELEASE_NUM_LAYERS} layers: blocks 8-12), the tiny model and transformers "
+                     f"whose config.json records them ({MI_BLOCKS_KEY}): name them (--mi_blocks / model.mi_blocks)",
+                     path=config_file)
+
+
+def _recorded_blocks(config: dict, config_file: Path) -> tuple[str, ...]:
+    blocks, layers = config[MI_BLOCKS_KEY], config.get("num_layers")
+    names = [f"blocks.{i}" for i in range(layers)] if isinstance(layers, int) else []
+    if not (isinstance(blocks, list) and blocks and all(b in names for b in blocks) and len(set(blocks)) == len(blocks)):
+        raise ModelError(f"{MI_BLOCKS_KEY} must list distinct blocks of the transformer (blocks.0 ... "
+                         f"blocks.{(layers or 1) - 1}), got {blocks!r}", path=config_file)
+    return tuple(blocks)
+
+
+def record_mi_blocks(transformer, blocks: Sequence[str]) -> None:
+    """Writes ``blocks`` into the transformer's config (:data:`MI_BLOCKS_KEY`), so that its saved folder names
+    them and :func:`mi_blocks_for` finds them."""
+    transformer.register_to_config(**{MI_BLOCKS_KEY: list(blocks)})
 
 
 def save_tiny_pipeline(folder: str | os.PathLike, seed: int = 0) -> Path:

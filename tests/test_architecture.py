@@ -39,7 +39,8 @@ OTHER = ("midi/evaluation/", "midi/mini/", "evaluate.py")
 SCRIPTS = ("train_lora.py", "inference_with_lora.py", "prepare_data.py", "demo.py")
 OPTIONAL_MODULES = {"bitsandbytes", "trimesh.ray.ray_pyembree", "wandb"}
 # One deferred import per CLI: after the config check, so a bad config fails without torch.
-CLI_DEFERRED = {("train_lora.py", "main"), ("inference_with_lora.py", "main")}
+CLI_DEFERRED = {("train_lora.py", "main"), ("inference_with_lora.py", "main"),
+                ("prepare_data.py", "run_check")}  # --check --vae: torch and the models only when asked
 # Declared deferred imports of the torch-free core: torch only for an fp16 config (the config check
 # must stay torch-free).
 DECLARED_DEFERRED = {("midi/config_load.py", "training_device_is_cpu")}

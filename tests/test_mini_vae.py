@@ -22,7 +22,7 @@ from midi.mini.pretrain_vae import (
     recon_terms,
     train,
 )
-from midi.mini.shapes import KINDS, Part, random_shape, sample_surface, shape_bounds, shape_field
+from midi.data.shapes import KINDS, Part, random_shape, sample_surface, shape_bounds, shape_field
 
 PARAMS = {"box": [0.3, 0.15, 0.25], "sphere": [0.3], "cylinder": [0.2, 0.3], "cone": [0.3, 0.25],
           "capsule": [0.12, 0.2], "torus": [0.3, 0.1]}
@@ -98,13 +98,15 @@ def test_batch_targets_are_positive_inside() -> None:
 
 def test_recon_terms_sign_and_weights() -> None:
     """Both terms reward the target's sign (positive inside): the exact truncated distance beats the
-    sign-flipped and the all-outside fields; the weights and the BCE's logit scale act as documented."""
+    sign-flipped and the all-outside fields; the weights, the output's distance unit and the BCE's
+    logit scale act as documented."""
     r = dataclasses.replace(TINY, near_points=512, uniform_points=512)
     sdf = make_batch(r, 0)["target"]
-    exact = sdf.clamp(-r.truncation, r.truncation)
+    exact = sdf.clamp(-r.truncation, r.truncation) / r.sdf_scale  # the output is distance / sdf_scale
     best = recon_terms(exact, sdf, r)
-    assert best["sdf_l1"] == 0  # the SDF term's optimum is the truncated distance
-    for wrong in (-exact, torch.full_like(sdf, -r.truncation)):  # flipped sign; the empty field
+    torch.testing.assert_close(best["sdf_l1"], torch.tensor(0.0))  # the SDF term's optimum: the truncated distance
+    assert recon_terms(exact * r.sdf_scale, sdf, r)["sdf_l1"] > 0.1  # in scene units it is not the optimum
+    for wrong in (-exact, torch.full_like(sdf, -r.truncation / r.sdf_scale)):  # flipped sign; the empty field
         terms = recon_terms(wrong, sdf, r)
         assert terms["bce"] > best["bce"] and terms["sdf_l1"] > 0.1 and terms["recon"] > best["recon"]
     sharp = recon_terms(exact, sdf, dataclasses.replace(r, bce_scale=r.bce_scale / 10))

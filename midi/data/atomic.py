@@ -28,30 +28,15 @@ from midi.data.layout import TMP_MARK
 logger = logging.getLogger(__name__)
 
 
-def tmp_path_for(path: Path) -> Path:
-    """Returns the temporary sibling name used while ``path`` is written."""
-    return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
-
-
 @contextmanager
 def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
-    """Opens a temporary sibling of ``path`` for writing and renames it onto ``path`` on success.
-
-    On any exception the temporary file is removed and ``path`` is left untouched; an OSError
-    that names no file (``ENOSPC`` from ``write``) is re-raised naming ``path``.
-
-    Args:
-        path: Final file path.
-        mode: ``open`` mode, ``"wb"`` or ``"w"`` (text is written as UTF-8).
-
-    Yields:
-        The open file object.
-    """
+    """Yields a temporary sibling of ``path`` open in ``mode`` (``"wb"``, or ``"w"`` for UTF-8 text) and renames it
+    onto ``path`` on success. On any exception the temporary file is removed and ``path`` is left untouched; an
+    OSError that names no file (``ENOSPC`` from ``write``) is re-raised naming ``path``."""
     final = Path(path)
-    tmp = tmp_path_for(final)
-    encoding = None if "b" in mode else "utf-8"
+    tmp = final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}")
     try:
-        with open(tmp, mode, encoding=encoding) as f:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             # Flush to disk before the rename, so a crash never leaves a renamed empty file.
             f.flush()
@@ -133,7 +118,6 @@ def remove_dead_tmp(folders: Iterable[Path]) -> None:
                                "incomplete: rerun that scene", tmp, match[2], folder / match[1])
 
 
-
 def make_tmp_dir(parent: Path, name: str) -> Path:
     """Creates an empty temporary folder ``<parent>/<name>.tmp-<random>``."""
     parent.mkdir(parents=True, exist_ok=True)
@@ -141,15 +125,11 @@ def make_tmp_dir(parent: Path, name: str) -> Path:
 
 
 def commit_dir(tmp: Path, final: Path) -> Path:
-    """Renames a finished temporary folder onto its final name, replacing an older folder there.
+    """Renames the complete temporary folder ``tmp`` onto ``final``, replacing an older folder there.
 
     The older folder (a previous export, or a leftover of a run that crashed) is first renamed
     aside to ``.<name>.old-<pid>`` and removed after the swap, since ``os.replace`` cannot replace a
     non-empty folder; a crash in between leaves either folder whole, never a mix.
-
-    Args:
-        tmp: The complete temporary folder.
-        final: The final folder path.
     """
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
@@ -160,14 +140,8 @@ def commit_dir(tmp: Path, final: Path) -> Path:
 
 
 def remove_stale_tmp(parent: Path) -> int:
-    """Removes temporary files and folders left in ``parent`` by an interrupted run.
-
-    Args:
-        parent: A folder (e.g. ``<root>/scenes``); missing is fine.
-
-    Returns:
-        How many entries were removed.
-    """
+    """Removes the temporary files and folders an interrupted run left in ``parent`` (e.g. ``<root>/scenes``;
+    missing is fine) and returns how many."""
     if not parent.is_dir():
         return 0
     removed = 0

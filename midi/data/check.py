@@ -6,15 +6,17 @@ image/id map size mismatch, an id map label with no object, a manifest that list
 no scene at all or an empty train split. Warnings are legitimate but worth a look: an object absent
 from one view (empty mask) or from every view (the reader and the converter drop it), a tiny mask,
 a finished scene the manifest does not list, an object prepare dropped or a mesh it repaired (as
-recorded in ``scene.json``).
+recorded in ``scene.json``), an object whose ``--watertight`` conversion failed (its raw surface was
+kept), an object the ``--vae`` round trip reconstructs poorly (:mod:`midi.data.vae_check`).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -31,6 +33,7 @@ from midi.data.dataset import (
 )
 from midi.data.images import open_image, read_label_map
 from midi.data.surface_io import load_surface
+from midi.data.watertight import WATERTIGHT_FAILED
 from midi.errors import DataError
 
 REPORT_NAME = "check_report.json"
@@ -38,7 +41,8 @@ SHEET_NAME = "contact_sheet.png"
 BOUND_TOLERANCE = 1e-4
 NORMAL_TOLERANCE = 1e-3
 WARNING_KINDS = frozenset(
-    {"empty_mask", "tiny_mask", "unlisted_scene", "missing_object", "dropped_object", "repaired_mesh"}
+    {"empty_mask", "tiny_mask", "unlisted_scene", "missing_object", "dropped_object", "repaired_mesh",
+     "not_watertight", "poor_vae_reconstruction"}
 )
 
 
@@ -55,6 +59,14 @@ class Problem:
     def to_json(self) -> dict[str, str]:
         """The problem as stored in the report."""
         return asdict(self) | {"severity": self.severity}
+
+
+class RoundTrip(Protocol):
+    """What an extra per-object check returns (see :mod:`midi.data.vae_check`)."""
+
+    summary: dict[str, Any]  # stored as the report's ``vae`` entry
+    problems: list[Problem]  # added to their scenes
+    sheet_rows: Callable[[list[SceneRecord]], list[np.ndarray]]  # rows appended to the contact sheet
 
 
 @dataclass
@@ -77,6 +89,8 @@ class CheckReport:
     scenes: list[SceneCheck]
     dataset_problems: list[Problem]
     files: dict[str, str] = field(default_factory=dict)
+    watertight: dict[str, Any] | None = None  # :func:`watertight_summary` (None: prepared without --watertight)
+    vae: dict[str, Any] | None = None  # the ``--vae`` round trip's summary (None: not run)
 
     @property
     def problems(self) -> list[Problem]:
@@ -99,6 +113,8 @@ class CheckReport:
             "problems": [p.to_json() for p in self.problems],
             "scenes": [asdict(s) | {"problems": [p.to_json() for p in s.problems]} for s in self.scenes],
             "files": self.files,
+            "watertight": self.watertight,
+            "vae": self.vae,
         }
 
     def summary(self, max_lines: int = 30) -> str:
@@ -108,6 +124,14 @@ class CheckReport:
             f"checked {len(self.scenes)} scene(s) in {self.root} ({self.layout}): {ok} clean, "
             f"{len(self.errors)} error(s), {len(self.warnings)} warning(s)"
         ]
+        if self.watertight:
+            w = self.watertight
+            lines.append(f"  watertight: {w['objects']} object(s) at resolution {'/'.join(w['resolution'])}, "
+                         f"{w['failed']} failed, {w['seconds_mean']} s per object (max {w['seconds_max']})")
+        if self.vae:
+            v = self.vae
+            lines.append(f"  vae round trip ({v['model']}): {v['objects']} object(s), F-score@{v['tau']} mean "
+                         f"{v['fscore_mean']:.3f}, min {v['fscore_min']:.3f}; {v['flagged']} below {v['threshold']}")
         lines += [f"  {kind}: {n}" for kind, n in sorted(Counter(p.kind for p in self.problems).items())]
         lines += [f"  [{p.severity}] {p.scene}: {p.kind}: {p.detail}" for p in self.problems[:max_lines]]
         if len(self.problems) > max_lines:
@@ -200,8 +224,39 @@ def recorded_warnings(root: Path, scene: str) -> list[Problem]:
         return []
     dropped = [d for d in record.get("dropped", []) if isinstance(d, dict)]
     problems = [Problem(scene, "dropped_object", f"{d.get('name')}: dropped ({d.get('reason')})") for d in dropped]
-    objects = [o for o in record.get("objects", []) if isinstance(o, dict) and o.get("warning")]
-    return problems + [Problem(scene, "repaired_mesh", f"{o.get('name')}: {o['warning']}") for o in objects]
+    for obj in (o for o in record.get("objects", []) if isinstance(o, dict) and o.get("warning")):
+        # A failed watertight conversion is its own kind; what loading repaired stays repaired_mesh.
+        parts = str(obj["warning"]).split("; ")
+        failed = [p for p in parts if p.startswith(WATERTIGHT_FAILED)]
+        repaired = "; ".join(p for p in parts if not p.startswith(WATERTIGHT_FAILED) and p != "raw surface kept")
+        problems += [Problem(scene, "not_watertight", f"{obj.get('name')}: {f}; raw surface kept") for f in failed]
+        if repaired:
+            problems.append(Problem(scene, "repaired_mesh", f"{obj.get('name')}: {repaired}"))
+    return problems
+
+
+def watertight_summary(root: Path, scenes: list[str]) -> dict[str, Any] | None:
+    """What prepare's ``--watertight`` recorded: objects converted, failed, seconds per object (None: not used)."""
+    seconds, failed, resolutions = [], 0, set()
+    for scene in scenes:
+        try:
+            record = layout.read_json(layout.scene_dir(root, scene) / layout.SCENE_JSON)
+        except (OSError, ValueError):
+            continue
+        for obj in record.get("objects", []) if isinstance(record, dict) else []:
+            info = obj.get("watertight") if isinstance(obj, dict) else None
+            if not isinstance(info, dict):
+                continue
+            resolutions.add(info.get("resolution"))
+            if info.get("failed"):
+                failed += 1
+            else:
+                seconds.append(float(info.get("seconds", 0.0)))
+    if not seconds and not failed:
+        return None
+    return {"objects": len(seconds) + failed, "failed": failed, "resolution": sorted(map(str, resolutions)),
+            "seconds_mean": round(float(np.mean(seconds)), 3) if seconds else None,
+            "seconds_max": round(float(np.max(seconds)), 3) if seconds else None}
 
 
 def check_manifest(root: Path) -> list[Problem]:
@@ -238,7 +293,8 @@ def _check_splits(splits: dict[str, list[str]], listed: set[str]) -> list[Proble
 
 def check_dataset(root: str | Path, report_dir: str | Path | None = None,
                   min_mask_fraction: float = DEFAULT_MIN_MASK_FRACTION, min_points: int | None = None,
-                  sheet_scenes: int = 12, write: bool = True) -> CheckReport:
+                  sheet_scenes: int = 12, write: bool = True,
+                  round_trip: Callable[[list[SceneRecord]], RoundTrip] | None = None) -> CheckReport:
     """Validates a midi-scenes or 3D-Front root and writes ``check_report.json`` and ``contact_sheet.png``.
 
     Args:
@@ -248,6 +304,9 @@ def check_dataset(root: str | Path, report_dir: str | Path | None = None,
             (20480 for 3D-Front) when None.
         sheet_scenes: Scenes on the contact sheet (scenes with problems first).
         write: Write the files (False for a dry check).
+        round_trip: Runs an extra per-object check on the records (the ``--vae`` round trip,
+            :func:`midi.data.vae_check.vae_round_trip`); its summary, problems and sheet rows join
+            the report.
 
     Raises:
         DataError: ``root`` is in no known layout.
@@ -265,18 +324,29 @@ def check_dataset(root: str | Path, report_dir: str | Path | None = None,
         for scene in scenes:
             scene.problems += recorded_warnings(root, scene.scene_id)
     report = CheckReport(str(root), str(kind), scenes, dataset_problems)
+    if kind == layout.FORMAT:
+        report.watertight = watertight_summary(root, [s.scene_id for s in scenes])
+    extra_rows: list[np.ndarray] = []
+    if round_trip is not None:
+        result = round_trip(records)
+        report.vae = result.summary
+        by_id = {s.scene_id: s for s in scenes}
+        for problem in result.problems:
+            by_id[problem.scene].problems.append(problem)
+        extra_rows = result.sheet_rows(records) if write else []
     if write:
         out = Path(report_dir) if report_dir is not None else root
         out.mkdir(parents=True, exist_ok=True)
-        _write_outputs(report, records, out, sheet_scenes)
+        _write_outputs(report, records, out, sheet_scenes, extra_rows)
     return report
 
 
-def _write_outputs(report: CheckReport, records: list[SceneRecord], out: Path, sheet_scenes: int) -> None:
+def _write_outputs(report: CheckReport, records: list[SceneRecord], out: Path, sheet_scenes: int,
+                   extra_rows: list[np.ndarray]) -> None:
     by_id = {s.scene_id: s for s in report.scenes}
     ordered = sorted(records, key=lambda r: (not by_id[r.scene_id].problems,))[:sheet_scenes]
     if ordered:
-        write_contact_sheet(out / SHEET_NAME, ordered, [by_id[r.scene_id] for r in ordered])
+        write_contact_sheet(out / SHEET_NAME, ordered, [by_id[r.scene_id] for r in ordered], extra_rows)
         report.files["contact_sheet"] = str(out / SHEET_NAME)
     report.files["report"] = str(out / REPORT_NAME)
     write_json(out / REPORT_NAME, report.to_json())

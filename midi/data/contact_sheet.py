@@ -3,6 +3,11 @@
 Columns: the scene image, the id map in instance colours, the sampled surface points of all
 instances rendered from the view's camera (when recorded, else a default orbit), then the points
 of the first instances one by one. Colours match between the id map and the point renders.
+
+A scene prepared with ``--watertight`` gets a second row, "before": the same tiles for the raw
+source meshes (re-read from the input files scene.json names, normalised the same way), so the
+shell can be compared with what it replaced; the title gives the seconds the conversion took.
+Extra rows (the ``--vae`` check's worst reconstructions) are appended by the caller.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from PIL import Image, ImageDraw
 from midi.data import layout
 from midi.data.camera import Camera, camera_record, project_points
 from midi.data.images import colourise_labels, instance_colours, open_image, read_label_map, save_png
+from midi.data.meshes import Normalization, load_instances, load_object
 from midi.data.surface_io import load_surface
 from midi.errors import DataError
 
@@ -49,7 +55,8 @@ def _recorded_camera(record: Any) -> dict[str, Any] | None:
         return None
 
 
-def _tile_camera(record: Any, points: list[np.ndarray]) -> dict[str, Any]:
+def tile_camera(record: Any, points: list[np.ndarray]) -> dict[str, Any]:
+    """The camera of a scene's tiles: its first view's recorded camera (scaled to a tile), else a default orbit."""
     camera = _recorded_camera(record)
     if camera is None:
         radius = max((float(np.linalg.norm(p, axis=1).max()) for p in points if len(p)), default=1.0)
@@ -116,25 +123,96 @@ def _view_tiles(record: Any) -> list[np.ndarray]:
 
 
 def scene_row(record: Any, title: str) -> np.ndarray:
-    """Builds one row of the sheet (with a title bar) for a scene record."""
+    """Builds one row of the sheet (with a title bar) for a scene record; two rows (after, before) for a
+    scene prepared with ``--watertight``."""
     points, normals = _load_points(record)
     colours = instance_colours(len(points))
-    camera = _tile_camera(record, points)
-    tiles = _view_tiles(record) + [render_points(camera, points, normals, colours)]
+    camera = tile_camera(record, points)
+    rows = [titled_row(title, _view_tiles(record) + point_tiles(camera, points, normals, colours))]
+    scene = _scene_json(record)
+    timed = [o["watertight"] for o in scene.get("objects", []) if isinstance(o.get("watertight"), dict)]
+    if timed:
+        raw = _raw_source_points(scene, len(points))
+        seconds = [float(t.get("seconds", 0.0)) for t in timed if not t.get("failed")]
+        failed = len(timed) - len(seconds)
+        note = f"before --watertight (raw source meshes); shell: {np.mean(seconds) if seconds else 0:.2f} s per object"
+        if failed:
+            note += f", {failed} failed (raw kept)"
+        raw_points = [p for p, _ in raw]
+        rows.append(titled_row(note, [_blank("raw sources"), _blank()]
+                               + point_tiles(camera, raw_points, [n for _, n in raw], colours)))
+    return np.concatenate(rows, axis=0)
+
+
+def point_tiles(camera: dict[str, Any], points: Sequence[np.ndarray], normals: Sequence[np.ndarray],
+                colours: np.ndarray) -> list[np.ndarray]:
+    """All instances' points together, then the first :data:`MAX_INSTANCE_TILES` one by one."""
+    tiles = [render_points(camera, points, normals, colours)]
     for k in range(min(MAX_INSTANCE_TILES, len(points))):
         tiles.append(render_points(camera, [points[k]], [normals[k]], colours[k : k + 1]))
-    tiles += [_blank()] * (3 + MAX_INSTANCE_TILES - len(tiles))
+    return tiles
+
+
+def titled_row(title: str, tiles: list[np.ndarray]) -> np.ndarray:
+    """Tiles side by side (padded to the sheet's width) under a title bar."""
+    tiles = tiles + [_blank()] * (3 + MAX_INSTANCE_TILES - len(tiles))
     row = np.concatenate(tiles, axis=1)
     bar = Image.new("RGB", (row.shape[1], HEADER), (15, 15, 15))
     ImageDraw.Draw(bar).text((4, 2), title[:120], fill=(230, 230, 230))
     return np.concatenate([np.asarray(bar), row], axis=0)
 
 
-def write_contact_sheet(path: Path, records: Sequence[Any], checks: Sequence[Any]) -> None:
-    """Writes the sheet for ``records`` with titles from their :class:`SceneCheck` results."""
+def _scene_json(record: Any) -> dict[str, Any]:
+    if record.layout != layout.FORMAT or not record.surface_paths:
+        return {}
+    try:
+        data = layout.read_json(Path(record.surface_paths[0]).parent.parent / layout.SCENE_JSON)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _raw_source_points(scene: dict[str, Any], count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Surface samples of the raw source meshes of a scene's objects, in the scene's normalised frame
+    (empty clouds for sources that are gone or unreadable: the sheet then shows nothing there)."""
+    empty = (np.zeros((0, 3)), np.zeros((0, 3)))
+    try:
+        norm = Normalization(tuple(scene["normalization"]["center"]), float(scene["normalization"]["scale"]),
+                             float(scene["normalization"].get("bound", 1.0)))
+        kind, path = scene["source"]["kind"], Path(scene["source"]["path"])
+    except (KeyError, TypeError, ValueError):
+        return [empty] * count
+    out = []
+    for obj in scene.get("objects", [])[:count]:
+        try:
+            mesh = _source_mesh(kind, path, str(obj.get("source", "")))
+        except DataError:
+            out.append(empty)
+            continue
+        points, faces = mesh.sample(MAX_POINTS, return_index=True, seed=0)
+        out.append((norm.apply(points), mesh.face_normals[faces]))
+    return out + [empty] * (count - len(out))
+
+
+def _source_mesh(kind: str, path: Path, source: str) -> Any:
+    if kind == "folder":
+        return load_object(path / source.split("#")[0]).mesh
+    if kind == "single_object":
+        return load_object(path).mesh
+    if kind == "scene_file":
+        match = [i.mesh for i in load_instances(path)[0] if i.source == source]
+        if match:
+            return match[0]
+    raise DataError(f"{source}: no such source mesh")
+
+
+def write_contact_sheet(path: Path, records: Sequence[Any], checks: Sequence[Any],
+                        extra_rows: Sequence[np.ndarray] = ()) -> None:
+    """Writes the sheet for ``records`` with titles from their :class:`SceneCheck` results, then ``extra_rows``
+    (made with :func:`titled_row`)."""
     rows = []
     for record, check in zip(records, checks):
         kinds = ", ".join(sorted({p.kind for p in check.problems}))
         status = f"{len(check.problems)} problem(s): {kinds}" if kinds else "ok"
         rows.append(scene_row(record, f"{record.scene_id} - {len(record.object_names)} objects - {status}"))
-    save_png(path, Image.fromarray(np.concatenate(rows, axis=0)))
+    save_png(path, Image.fromarray(np.concatenate(rows + list(extra_rows), axis=0)))

@@ -144,7 +144,7 @@ def _open_manifest(root: Path, split: str) -> list[SceneRecord]:
 
 def _open_front3d(root: Path, split: str) -> list[SceneRecord]:
     rooms = front3d.read_rooms(root)
-    indices = range(len(rooms)) if split == "all" else front3d.split_indices(len(rooms))[split]
+    indices = range(len(rooms)) if split == "all" else front3d.room_splits(root, len(rooms))[split]
     return [SceneRecord(front3d.room_scene_id(room), tuple(names), tuple(front3d.surface_paths(root, room, names)),
                         tuple((img, idm) for img, idm, _ in front3d.room_views(root, room)), layout.FRONT3D)
             for room, names in (rooms[i] for i in indices)]

@@ -15,6 +15,9 @@ value k+1 is object k of the room's furniture list, 0 is background.
 Splits (our choice, documented): the last ``min(1000, n // 10)`` rooms are test (the MIDI README
 names the last 1000 rooms of ``midi_room_ids.json`` as its test set); the ``min(20, max(1, n // 20))``
 rooms before them are val; the rest are train. Upstream's val overlaps train and test; ours does not.
+A root written by ``prepare_data.py --export_midi`` records its splits as index ranges in
+``midi_export.json`` (the ``train_indices``/``val_indices``/``test_indices`` of upstream's config);
+those are used instead.
 """
 
 from __future__ import annotations
@@ -22,7 +25,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from midi.data.layout import LIST_PAIRS, RENDER_DIR, SURFACE_DIR, inside, list_file, safe_name
+from midi.data.layout import (
+    EXPORT_JSON,
+    LIST_PAIRS,
+    RENDER_DIR,
+    SPLITS,
+    SURFACE_DIR,
+    inside,
+    list_file,
+    safe_name,
+)
 from midi.errors import DataError
 
 IMAGE_PREFIXES = ("render", "rerender")
@@ -117,3 +129,27 @@ def split_indices(count: int) -> dict[str, range]:
     train_end = count - n_test - n_val
     return {"train": range(0, train_end), "val": range(train_end, train_end + n_val),
             "test": range(train_end + n_val, count)}
+
+
+def room_splits(root: Path, count: int) -> dict[str, range]:
+    """The train/val/test index ranges of a root's ``count`` rooms: those recorded in
+    ``midi_export.json`` when the root is an export, else :func:`split_indices`.
+
+    Raises:
+        DataError: The recorded ranges do not cut ``0..count`` into consecutive train, val, test
+            (the room list was edited after the export).
+    """
+    path = Path(root) / EXPORT_JSON
+    if not path.is_file():
+        return split_indices(count)
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))["splits"]
+        ranges = {name: range(int(recorded[name][0]), int(recorded[name][1])) for name in SPLITS}
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise DataError(f"{path}: unreadable splits ({type(exc).__name__}: {exc})") from exc
+    bounds = [ranges["train"].start, ranges["train"].stop, ranges["val"].stop, ranges["test"].stop]
+    if bounds[0] != 0 or ranges["val"].start != bounds[1] or ranges["test"].start != bounds[2] \
+            or bounds[3] != count or bounds != sorted(bounds):
+        raise DataError(f"{path}: its splits cover rooms {bounds[0]}..{bounds[3]} but the room list has {count}; "
+                        "export again, or delete the file to use the default splits")
+    return ranges

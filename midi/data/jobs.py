@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import trimesh
 
+from midi.data.blender import BlenderSettings, render_blender, scene_objects
 from midi.data.camera import Camera
 from midi.data.dataset import check_labels
 from midi.data.images import WHITE, Colour
+from midi.data.layout import view_name
 from midi.data.meshes import (
     DEFAULT_BOUND,
     NamedMesh,
@@ -28,6 +31,7 @@ from midi.data.meshes import (
     validate_mesh,
 )
 from midi.data.render import render_scene
+from midi.data.watertight import DEFAULT_RESOLUTION, WATERTIGHT_FAILED, WatertightError, make_watertight
 from midi.errors import DataError
 
 T = TypeVar("T")
@@ -51,6 +55,10 @@ class PrepareOptions:
     single_object: bool = False  # top-level mesh files are one-object scenes normalised alone
     val_fraction: float = 0.1  # fraction of scenes in the val split
     test_fraction: float = 0.0  # fraction of scenes in the test split
+    watertight: bool = False  # sample a watertight shell of each mesh (midi.data.watertight), not the raw faces
+    watertight_resolution: int = DEFAULT_RESOLUTION  # grid cells along each object's longest side
+    renderer: str = "embree"  # "embree" (flat colours, exact) or "blender" (textured Cycles, midi.data.blender)
+    blender: BlenderSettings = field(default_factory=BlenderSettings)  # used with renderer="blender"
 
     def min_visible_pixels(self) -> int:
         """Pixels an object needs in a rendered view to count as visible (0.1% of the image, >= 1)."""
@@ -67,6 +75,7 @@ class SceneJob:
     room: str = ""  # 3D-Front room path ``<house>/<room>``
     names: tuple[str, ...] = ()  # 3D-Front object names of the room
     seed: int = 0  # seed of a synthetic scene
+    domain: str = "base"  # synthetic domain (midi.data.shapes.DOMAINS)
 
 
 @dataclass
@@ -110,23 +119,70 @@ def normalise_objects(objects: Sequence[NamedMesh], bound: float) -> tuple[list[
 
 
 def sample_objects(objects: Sequence[NamedMesh], options: PrepareOptions, scene_id: str) -> list[ObjectData]:
-    """Samples every object's surface with its own seeded generator (see :func:`object_rng`)."""
+    """Samples every object's surface with its own seeded generator (see :func:`object_rng`).
+
+    With ``options.watertight`` the samples come from the object's watertight shell; an object
+    that cannot be made watertight keeps its raw surface, with a warning saying so (never silently).
+    """
     out = []
     for index, obj in enumerate(objects):
-        points, normals = sample_surface(obj.mesh, options.num_samples, object_rng(options.seed, scene_id, index))
-        info = {"num_faces": int(len(obj.mesh.faces)), "area": float(obj.mesh.area)}
-        if obj.warning:
-            info["warning"] = obj.warning  # kept in scene.json, where --check finds it
+        info: dict[str, Any] = {"num_faces": int(len(obj.mesh.faces)), "area": float(obj.mesh.area)}
+        warnings = [obj.warning] if obj.warning else []
+        mesh = obj.mesh
+        if options.watertight:
+            mesh, info["watertight"], failure = watertight_or_raw(obj.mesh, options.watertight_resolution)
+            warnings += [failure] if failure else []
+        points, normals = sample_surface(mesh, options.num_samples, object_rng(options.seed, scene_id, index))
+        if warnings:
+            info["warning"] = "; ".join(warnings)  # kept in scene.json, where --check finds it
         out.append(ObjectData(obj.name, obj.source, points, normals, info))
     return out
 
 
-def render_views(objects: Sequence[NamedMesh], options: PrepareOptions) -> list[ViewData]:
-    """Renders ``options.views`` views at evenly spread azimuths."""
+def watertight_or_raw(mesh: trimesh.Trimesh, resolution: int) -> tuple[trimesh.Trimesh, dict[str, Any], str]:
+    """``(mesh to sample, record for scene.json, warning or "")``: the watertight shell, or the raw mesh
+    and a warning naming the reason when the conversion fails."""
+    try:
+        result = make_watertight(mesh, resolution)
+    except WatertightError as exc:
+        return mesh, {"resolution": resolution, "failed": str(exc)}, f"{WATERTIGHT_FAILED} ({exc}); raw surface kept"
+    return result.mesh, result.info(), ""
+
+
+def render_views(objects: Sequence[NamedMesh], options: PrepareOptions, source: tuple[str, str] | None = None,
+                 normalization: dict[str, Any] | None = None) -> list[ViewData]:
+    """Renders ``options.views`` views at evenly spread azimuths.
+
+    With ``options.renderer == "blender"`` and the job's ``(kind, path)`` as ``source`` (the files
+    Blender imports) and the scene's ``normalization`` record, Blender renders them (textured),
+    each view followed by its re-lit twin when ``options.blender.relight``; else embree (flat colours).
+    """
     cameras = [options.camera.with_azimuth(options.camera.azimuth + 360.0 * k / options.views)
                for k in range(options.views)]
+    if options.renderer == "blender" and source is not None and normalization is not None:
+        return _blender_views(objects, options, source, normalization, cameras)
     renderings = [render_scene([o.mesh for o in objects], c, options.image_size, options.background) for c in cameras]
     return [ViewData(r.rgb, r.ids, r.camera, {"rendered": True}) for r in renderings]
+
+
+def _blender_views(objects: Sequence[NamedMesh], options: PrepareOptions, source: tuple[str, str],
+                   normalization: dict[str, Any], cameras: Sequence[Camera]) -> list[ViewData]:
+    settings = options.blender
+    sources = scene_objects(source[0], source[1], [o.source for o in objects], [o.mesh.bounds for o in objects])
+    target = np.asarray(options.camera.target, np.float64)
+    radius = float(max(np.linalg.norm(o.mesh.vertices - target, axis=1).max() for o in objects))  # as embree
+    rendered = render_blender(sources, normalization, cameras, radius, options.image_size, options.background,
+                              settings)
+    lighting = "sun_sky" if settings.lighting == "sun_sky" else Path(settings.lighting).name
+    views = []
+    for view in rendered:
+        record = {"rendered": True, "renderer": "blender", "lighting": lighting, "samples": settings.samples,
+                  "seconds": round(view.seconds, 3)}
+        views.append(ViewData(view.rgb, view.ids, view.camera, record))
+        if view.relit is not None:  # the re-lit twin: same camera and ids (3D-Front's rerender_)
+            relit_of = view_name(len(views) - 1)
+            views.append(ViewData(view.relit, view.ids.copy(), view.camera, record | {"relit_of": relit_of}))
+    return views
 
 
 def label_counts(views: Sequence[ViewData], num_objects: int) -> np.ndarray:

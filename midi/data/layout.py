@@ -39,6 +39,10 @@ FRONT3D = "3d-front"
 RENDER_DIR = "3D-FRONT-RENDER"
 SURFACE_DIR = "3D-FRONT-SURFACE"
 LIST_PAIRS = (("midi_room_ids", "midi_furniture_ids"), ("valid_room_ids", "valid_furniture_ids"))
+# Written last by ``prepare_data.py --export_midi``: the rooms' splits as index ranges, the room of
+# every scene and the data config for upstream's loader (see midi.data.export_midi).
+EXPORT_JSON = "midi_export.json"
+EXPORT_CONFIG = "midi_data_config.yaml"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -130,6 +134,13 @@ def detect_layout(root: Path) -> str | None:
     if (root / SURFACE_DIR).is_dir() and any(list_file(root, rooms) for rooms, _ in LIST_PAIRS):
         return FRONT3D
     return None
+
+
+def shard_of(scene_id: str, num_shards: int) -> int:
+    """The shard (0..num_shards-1) that prepares a scene: a stable hash of its id alone, so every
+    machine of a sharded run agrees without coordination and a scene never changes shard when
+    others are added (Python's ``hash`` is salted per process, crc32 is not)."""
+    return zlib.crc32(scene_id.encode()) % num_shards
 
 
 def assign_splits(scene_ids: Sequence[str], val_fraction: float = 0.1, test_fraction: float = 0.0, seed: int = 0,

@@ -2,8 +2,9 @@
 
 ``manifest.json`` is rewritten last by every prepare run, atomically. It lists every finished
 scene of the folder (``id``, ``objects``, ``views``), the splits, the split settings, and the
-settings all its scenes share; scenes of earlier runs keep their split. The reading side (format
-and entry checks) is :func:`midi.data.dataset.read_manifest`.
+settings all its scenes share; scenes of earlier runs keep their split. The part folder of a sharded
+run also records ``shard`` (``index``, ``count``; see :mod:`midi.data.shards`). The reading side
+(format and entry checks) is :func:`midi.data.dataset.read_manifest`.
 """
 
 from __future__ import annotations
@@ -22,10 +23,18 @@ SCENE_SETTINGS = ("num_surface_points", "image_size", "surface_format", "backgro
 
 
 def settings(options: PrepareOptions) -> dict[str, Any]:
-    """The shared settings of a run, as the manifest records them."""
-    return {"num_surface_points": options.num_samples, "image_size": options.image_size,
-            "surface_format": options.surface_format, "background": list(options.background),
-            "bound": options.bound, "views": options.views, "seed": options.seed}
+    """The shared settings of a run, as the manifest records them (a resume must match them).
+
+    Watertight surfaces and the Blender renderer are recorded only when used, so the manifests of
+    earlier runs (raw surfaces, embree) still match their own settings."""
+    out = {"num_surface_points": options.num_samples, "image_size": options.image_size,
+           "surface_format": options.surface_format, "background": list(options.background),
+           "bound": options.bound, "views": options.views, "seed": options.seed}
+    if options.watertight:
+        out |= {"watertight": True, "watertight_resolution": options.watertight_resolution}
+    if options.renderer != "embree":
+        out["renderer"] = options.renderer
+    return out
 
 
 def finished_scenes(output_dir: Path) -> dict[str, dict[str, Any]]:
@@ -56,12 +65,32 @@ def read_old_manifest(output_dir: Path) -> dict[str, Any] | None:
     return data
 
 
-def check_resume_settings(output_dir: Path, options: PrepareOptions) -> None:
+def options_from_manifest(manifest: dict[str, Any], path: object) -> PrepareOptions:
+    """The settings a manifest records, as prepare options (what :func:`write_manifest` needs to
+    rewrite it: a merge of sharded parts has no command line of its own).
+
+    Raises:
+        DataError: ``"<path>: ..."`` when a setting is missing or malformed.
+    """
+    split = manifest.get("split_settings", {})
+    try:
+        return PrepareOptions(
+            num_samples=int(manifest["num_surface_points"]), image_size=int(manifest["image_size"]),
+            surface_format=str(manifest["surface_format"]), background=tuple(float(c) for c in manifest["background"]),
+            bound=float(manifest["bound"]), views=int(manifest["views"]), seed=int(manifest["seed"]),
+            val_fraction=float(split["val_fraction"]), test_fraction=float(split["test_fraction"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{path}: manifest lacks the settings of its run ({type(exc).__name__}: {exc}); "
+                        "prepare it again with this version") from exc
+
+
+def check_resume_settings(output_dir: Path, options: PrepareOptions, shard: dict[str, int] | None = None) -> None:
     """Refuses to mix scenes prepared with other settings.
 
     Compared: sample count, image size, surface format, background, normalisation bound (margin),
     and, where recorded, rendered views and seed. Without a manifest, a finished scene's record
-    stands in for it.
+    stands in for it. ``shard`` (``{"index", "count"}`` or None) must equal the recorded one, so
+    a part folder never mixes scenes of two shard assignments.
 
     Raises:
         UsageError: Naming the setting, the old and the new value.
@@ -78,6 +107,15 @@ def check_resume_settings(output_dir: Path, options: PrepareOptions) -> None:
         if key in old and not (_close(old[key], value) if key == "bound" else old[key] == value):
             raise UsageError(f"{output_dir} was prepared with {key}={old[key]}, not {value}; "
                              "use the same or a new folder")
+    if "scenes" in old and old.get("shard") != shard:  # a manifest (not a scene record) stands for the folder
+        raise UsageError(f"{output_dir} was prepared as {_shard_text(old.get('shard'))}, not {_shard_text(shard)}; "
+                         "use the same --num_shards/--shard_index or a new folder")
+
+
+def _shard_text(shard: object) -> str:
+    if isinstance(shard, dict):
+        return f"shard {shard.get('index')} of --num_shards {shard.get('count')}"
+    return "one unsharded run"
 
 
 def _close(a: object, b: float) -> bool:
@@ -87,8 +125,12 @@ def _close(a: object, b: float) -> bool:
         return False
 
 
-def write_manifest(output_dir: Path, options: PrepareOptions) -> dict[str, Any]:
-    """Writes ``manifest.json`` listing every finished scene and the splits (atomically) and returns it."""
+def write_manifest(output_dir: Path, options: PrepareOptions, shard: dict[str, int] | None = None) -> dict[str, Any]:
+    """Writes ``manifest.json`` listing every finished scene and the splits (atomically) and returns it.
+
+    ``shard`` (a part folder of a sharded run) is recorded last; its splits are those of its own
+    scenes only (the merge assigns them again over all parts, see :mod:`midi.data.shards`).
+    """
     old = read_old_manifest(output_dir) or {}
     records = finished_scenes(output_dir)
     split_settings = {"val_fraction": options.val_fraction, "test_fraction": options.test_fraction,
@@ -101,5 +143,7 @@ def write_manifest(output_dir: Path, options: PrepareOptions) -> dict[str, Any]:
                                   existing=existing)
     manifest = {"format": layout.FORMAT, "version": layout.VERSION, **settings(options), "scenes": scenes,
                 "splits": splits, "split_settings": split_settings}
+    if shard is not None:
+        manifest["shard"] = dict(shard)
     write_json(Path(output_dir) / layout.MANIFEST, manifest)
     return manifest

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
+from midi.config import MESH_SUFFIXES
 from midi.errors import DataError
 
-MESH_SUFFIXES = (".obj", ".glb", ".gltf", ".ply", ".stl", ".off")
 DEFAULT_BOUND = 0.95  # half-extent after normalisation: a 5% margin inside [-1, 1]
 
 
@@ -176,8 +176,9 @@ def validate_mesh(obj: NamedMesh) -> None:
         raise DataError(f"{obj.source}: mesh has zero surface area")
 
 
-def joint_normalization(meshes: Sequence[trimesh.Trimesh], bound: float = DEFAULT_BOUND) -> Normalization:
-    """Computes one similarity for all meshes: bounding-box centre to 0, largest extent to 2*bound.
+def joint_normalization(meshes: Sequence[trimesh.Trimesh | np.ndarray], bound: float = DEFAULT_BOUND) -> Normalization:
+    """Computes one similarity for all meshes (or (P, 3) point arrays): bounding-box centre to 0, largest extent
+    to 2*bound.
 
     The same transform is applied to every object, so the relative layout is kept. Pass a single
     mesh for single-object data. ``bound``: half-extent of the largest side after it (0.95 = 5% margin).
@@ -185,8 +186,9 @@ def joint_normalization(meshes: Sequence[trimesh.Trimesh], bound: float = DEFAUL
     Raises:
         DataError: The scene has no extent (all vertices coincide).
     """
-    lo = np.min([m.vertices.min(axis=0) for m in meshes], axis=0)
-    hi = np.max([m.vertices.max(axis=0) for m in meshes], axis=0)
+    points = [np.asarray(getattr(m, "vertices", m)) for m in meshes]
+    lo = np.min([p.min(axis=0) for p in points], axis=0)
+    hi = np.max([p.max(axis=0) for p in points], axis=0)
     extent = float(np.max(hi - lo))
     if not extent > 0:
         raise DataError("scene has zero extent (all vertices coincide)")

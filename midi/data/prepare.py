@@ -87,6 +87,7 @@ class PrepareReport:
     workers: int = 1  # worker processes used
     num_scenes_total: int = 0  # scenes listed in the manifest
     aborted: bool = False  # true when ``strict`` stopped the run at the first failure
+    shard: dict[str, int] | None = None  # ``{"index", "count"}`` of a sharded run's part (None: all scenes)
 
     @property
     def meshes_per_second(self) -> float:
@@ -103,6 +104,8 @@ class PrepareReport:
             f"{self.workers} worker(s)); {len(self.already_done)} already done; {len(self.skipped)} skipped; "
             f"{len(self.warnings)} warning(s); {self.num_scenes_total} scene(s) in {self.output_dir}/{layout.MANIFEST}"
         ]
+        if self.shard:
+            lines[0] += f" (shard {self.shard['index']} of {self.shard['count']}: merge the parts with --merge)"
         lines += [f"  skipped {s['scene']}: {s['reason']}" for s in self.skipped]
         lines += [f"  warning {w['scene']}/{w['object']}: {w['detail']}" for w in self.warnings]
         if self.aborted:
@@ -111,11 +114,13 @@ class PrepareReport:
 
 
 def prepare_dataset(input_dir: str | Path, output_dir: str | Path, options: PrepareOptions | None = None,
-                    workers: int = 1, progress: bool = False, strict: bool = False) -> PrepareReport:
+                    workers: int = 1, progress: bool = False, strict: bool = False,
+                    shard: tuple[int, int] | None = None) -> PrepareReport:
     """Prepares every scene found in ``input_dir`` into ``output_dir`` (resumable).
 
     ``input_dir`` holds scene folders and/or scene files, or is a single scene file or a 3D-Front
-    root; ``workers=1`` works in this process; ``strict`` stops at the first skipped scene.
+    root; ``workers=1`` works in this process; ``strict`` stops at the first skipped scene;
+    ``shard`` = ``(index, count)`` prepares only the scenes of that shard (:func:`run_jobs`).
 
     Raises:
         DataError: The input does not exist or is already a prepared dataset.
@@ -125,41 +130,54 @@ def prepare_dataset(input_dir: str | Path, output_dir: str | Path, options: Prep
     # An output folder inside the input folder must not be taken for a scene on a re-run.
     jobs = [j for j in sources.discover_jobs(Path(input_dir), options.single_object)
             if Path(j.path).resolve() != output_dir.resolve()]
-    return run_jobs(output_dir, jobs, options, workers=workers, progress=progress, strict=strict)
+    return run_jobs(output_dir, jobs, options, workers=workers, progress=progress, strict=strict, shard=shard)
 
 
 def prepare_synthetic(output_dir: str | Path, num_scenes: int, *, seed: int = 0, options: PrepareOptions | None = None,
-                      workers: int = 1, progress: bool = False, strict: bool = False) -> PrepareReport:
+                      workers: int = 1, progress: bool = False, strict: bool = False,
+                      domain: str = "base", shard: tuple[int, int] | None = None) -> PrepareReport:
     """Writes ``num_scenes`` seeded synthetic scenes straight into the prepared layout (resumable).
 
     Scene ``i`` (id ``synthetic_<i:05d>``) is drawn from ``scene_seed(seed, i)``; ``seed`` also
-    seeds the sampling (it replaces ``options.seed``). The other arguments are those of
+    seeds the sampling (it replaces ``options.seed``). ``domain``: ``base`` (primitives) or ``target``
+    (furniture), see :data:`midi.data.shapes.DOMAINS`. The other arguments are those of
     :func:`prepare_dataset`.
     """
     options = dataclass_replace(options or PrepareOptions(), seed=seed)
-    return run_jobs(Path(output_dir), synthetic_jobs(num_scenes, seed), options, workers=workers, progress=progress,
-                    strict=strict)
+    return run_jobs(Path(output_dir), synthetic_jobs(num_scenes, seed, domain=domain), options, workers=workers, progress=progress,
+                    strict=strict, shard=shard)
 
 
 def run_jobs(output_dir: Path, jobs: Sequence[SceneJob], options: PrepareOptions, workers: int = 1,
-             progress: bool = False, strict: bool = False) -> PrepareReport:
+             progress: bool = False, strict: bool = False, shard: tuple[int, int] | None = None) -> PrepareReport:
     """Runs scene jobs (finished ones are skipped) on ``workers`` processes, then writes the manifest.
 
-    The other arguments are those of :func:`prepare_dataset`. The report is also written to
+    With ``shard = (index, count)`` only the jobs whose scene id hashes to ``index``
+    (:func:`midi.data.layout.shard_of`) run, and ``output_dir`` is that shard's part folder (its
+    manifest records the shard; :func:`midi.data.shards.merge_parts` joins the parts). The
+    other arguments are those of :func:`prepare_dataset`. The report is also written to
     ``<output_dir>/prepare_report.json``.
 
     Raises:
-        UsageError: Another run (a live pid in ``<output_dir>/.prepare.lock``) writes there.
+        UsageError: Another run (a live pid in ``<output_dir>/.prepare.lock``) writes there, or a bad shard.
     """
     output_dir = Path(output_dir)
     _validate_options(options)
+    shard_json = None
+    if shard is not None:
+        index, count = shard
+        if not (count >= 1 and 0 <= index < count):
+            raise UsageError(f"--shard_index must be in [0, --num_shards) and --num_shards >= 1, got {index} of {count}")
+        # The ids come from the whole input (unique_names), so every shard names scenes alike.
+        jobs = [j for j in jobs if layout.shard_of(j.scene_id, count) == index]
+        shard_json = {"index": index, "count": count}
     (output_dir / layout.SCENES_DIR).mkdir(parents=True, exist_ok=True)
     with output_lock(output_dir):
-        check_resume_settings(output_dir, options)
+        check_resume_settings(output_dir, options, shard_json)
         remove_stale_tmp(output_dir / layout.SCENES_DIR)
         finished = {j.scene_id for j in jobs if layout.is_finished(layout.scene_dir(output_dir, j.scene_id))}
         report = PrepareReport(str(output_dir), already_done=[j.scene_id for j in jobs if j.scene_id in finished],
-                               workers=max(1, workers))
+                               workers=max(1, workers), shard=shard_json)
         pending = [j for j in jobs if j.scene_id not in finished]
         start = time.perf_counter()
         # The parallelism comes from the workers: BLAS threads (trimesh's np.dot) would only steal their cores.
@@ -173,7 +191,7 @@ def run_jobs(output_dir: Path, jobs: Sequence[SceneJob], options: PrepareOptions
                     report.aborted = True
                     break
         report.seconds = time.perf_counter() - start
-        report.num_scenes_total = len(write_manifest(output_dir, options)["scenes"])
+        report.num_scenes_total = len(write_manifest(output_dir, options, shard_json)["scenes"])
         write_json(output_dir / REPORT_NAME, report.to_json())
         return report
 

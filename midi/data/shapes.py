@@ -1,10 +1,14 @@
-"""Procedural shapes in the scene frame with analytic signed distances, for pretraining the mini VAE.
+"""Procedural shapes with analytic signed distances: the synthetic scenes' objects and the mini VAE's data.
 
-A shape is a union of 1-4 primitive parts (box, sphere, cylinder, cone, capsule, torus), each a
+A shape is a union of primitive parts (box, sphere, cylinder, cone, capsule, torus), each a
 similarity transform of a canonical primitive, so every part's signed distance is exact and the
-union's (the max of the parts') is exact outside and a lower bound inside. Objects are posed as
-instances sit in a MIDI scene: about 0.2-0.6 of the [-1, 1]^3 cube in size, anywhere in it, half
-upright (turned about +Y, the scene's up axis) and half in an arbitrary orientation.
+union's (the max of the parts') is exact outside and a lower bound inside.
+
+Two families of objects standing on the floor (+Y up), the two synthetic domains of
+``prepare_data.py --synthetic_domain`` (:data:`DOMAINS`): ``base``, single primitives of
+:data:`PRIMITIVE_KINDS`, and ``target``, furniture built from boxes and cylinders
+(:data:`FURNITURE_KINDS`: tables, chairs, round tables, shelves), shapes the base never shows.
+:func:`random_shape` draws freer objects (arbitrary unions and orientations) in the scene frame.
 
 Sign: every ``field`` here is positive inside, negative outside, 0 on the surface: the value the
 TripoSG decoder outputs and :mod:`midi.extraction` extracts at level 0.
@@ -18,8 +22,13 @@ from functools import cache, lru_cache
 import numpy as np
 import trimesh
 from scipy.spatial.transform import Rotation
+from skimage import measure
 
 KINDS = ("box", "sphere", "cylinder", "cone", "capsule", "torus")
+PRIMITIVE_KINDS = ("box", "sphere", "cylinder", "cone", "torus", "capsule")  # the base domain
+FURNITURE_KINDS = ("table", "chair", "round_table", "shelf")  # the target domain
+DOMAINS: dict[str, tuple[str, ...]] = {"base": PRIMITIVE_KINDS, "target": FURNITURE_KINDS}
+MESH_CELLS = 64  # marching-cubes cells along a composite object's largest side (legs 4-7 cells wide)
 BOUND = 0.95  # objects stay inside [-BOUND, BOUND]^3, as the data pipeline's normalisation
 FD_STEP = 1e-4  # central-difference step for normals (the fields are exact SDFs, |grad| = 1)
 
@@ -228,3 +237,116 @@ def sample_surface(parts: list[Part], count: int, rng: np.random.Generator) -> t
 def union_mesh(parts: list[Part]) -> trimesh.Trimesh:
     """The parts' tessellations concatenated (overlapping, not a boolean union): for previews."""
     return trimesh.util.concatenate([part.mesh() for part in parts])
+
+
+def object_mesh(parts: list[Part], cells: int = MESH_CELLS) -> trimesh.Trimesh:
+    """A watertight mesh of the union: a single part's own tessellation, else marching cubes of the
+    exact field (so the surface has no inner faces where legs meet a table top, as sampled data must not)."""
+    if len(parts) == 1:
+        return parts[0].mesh()
+    lo, hi = shape_bounds(parts)
+    step = float((hi - lo).max()) / cells
+    # The grid is shifted off the parts' faces (which are often axis-aligned at round numbers):
+    # a field exactly 0 at grid points makes marching cubes emit degenerate, non-manifold triangles.
+    lo = lo - (2 + 1 / np.pi) * step
+    shape = np.ceil((hi - lo) / step).astype(int) + 3
+    field = np.full(tuple(shape), -2.0 * step)  # outside every part's band: clearly outside
+    for part in parts:
+        # Each part is evaluated only in its own box padded by two cells: the union (max) elsewhere
+        # is decided by the other parts, and the surface never lies outside the part's box.
+        p_lo, p_hi = shape_bounds([part])
+        i0 = np.maximum(np.floor((p_lo - lo) / step).astype(int) - 2, 0)
+        i1 = np.minimum(np.ceil((p_hi - lo) / step).astype(int) + 3, shape)
+        axes = [lo[k] + step * np.arange(i0[k], i1[k]) for k in range(3)]
+        grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)  # (x, y, z, 3)
+        box = tuple(slice(a, b) for a, b in zip(i0, i1))
+        field[box] = np.maximum(field[box], part.field(grid.reshape(-1, 3)).reshape(grid.shape[:3]))
+    verts, faces, _, _ = measure.marching_cubes(field, level=0.0, spacing=(step,) * 3)
+    return trimesh.Trimesh(verts + lo, faces[:, ::-1], process=True)  # field > 0 inside: flip to outward
+
+
+def _stand(parts: list[Part], rng: np.random.Generator) -> list[Part]:
+    """Turns an object about +Y at random and stands it on y = 0, centred in x/z."""
+    yaw = Rotation.from_euler("y", rng.uniform(0, 2 * np.pi)).as_matrix()
+    parts = [Part(p.kind, p.params, yaw @ p.rot, yaw @ p.trans, p.scale) for p in parts]
+    lo, hi = shape_bounds(parts)
+    shift = np.array([-(lo[0] + hi[0]) / 2, -lo[1], -(lo[2] + hi[2]) / 2])
+    return [Part(p.kind, p.params, p.rot, p.trans + shift, p.scale) for p in parts]
+
+
+_EYE = np.eye(3)
+_Z_TO_Y = Rotation.from_euler("x", -90, degrees=True).as_matrix()  # canonical +z axis -> world +y
+
+
+def _box(half: np.ndarray, centre: np.ndarray) -> Part:
+    return Part("box", np.asarray(half, float), _EYE, np.asarray(centre, float))
+
+
+def _post(radius: float, y0: float, y1: float, x: float = 0.0, z: float = 0.0) -> Part:
+    """A vertical cylinder from height y0 to y1."""
+    return Part("cylinder", np.array([radius, (y1 - y0) / 2]), _Z_TO_Y, np.array([x, (y0 + y1) / 2, z]))
+
+
+def _legs(width: float, depth: float, height: float, thick: float, rng: np.random.Generator) -> list[Part]:
+    """Four legs under a top of ``width`` x ``depth`` at ``height``, square or round, reaching into the top."""
+    inset = thick / 2 + rng.uniform(0.0, 0.04)
+    round_legs = rng.random() < 0.5
+    legs = []
+    for sx in (-1, 1):
+        for sz in (-1, 1):
+            x, z = sx * (width / 2 - inset), sz * (depth / 2 - inset)
+            legs.append(_post(thick / 2, 0.0, height, x, z) if round_legs
+                        else _box([thick / 2, height / 2, thick / 2], [x, height / 2, z]))
+    return legs
+
+
+def _furniture(kind: str, rng: np.random.Generator) -> list[Part]:
+    """One piece in its own frame (+Y up, front towards +Z); sizes in metres-like units."""
+    if kind == "table":
+        w, h, t = rng.uniform(0.7, 1.2), rng.uniform(0.5, 0.8), rng.uniform(0.06, 0.1)
+        d = w * rng.uniform(0.55, 0.9)
+        return [_box([w / 2, t / 2, d / 2], [0, h - t / 2, 0]), *_legs(w, d, h - t / 2, rng.uniform(0.07, 0.11), rng)]
+    if kind == "chair":
+        s, h, t = rng.uniform(0.42, 0.55), rng.uniform(0.4, 0.5), rng.uniform(0.06, 0.08)
+        back, bt = rng.uniform(0.35, 0.55), rng.uniform(0.06, 0.08)
+        return [_box([s / 2, t / 2, s / 2], [0, h - t / 2, 0]), *_legs(s, s, h - t / 2, rng.uniform(0.06, 0.08), rng),
+                _box([s / 2, back / 2, bt / 2], [0, h + back / 2 - t / 2, -s / 2 + bt / 2])]
+    if kind == "round_table":
+        r, h, t = rng.uniform(0.35, 0.55), rng.uniform(0.5, 0.75), rng.uniform(0.06, 0.1)
+        base_r, base_t = r * rng.uniform(0.45, 0.65), rng.uniform(0.05, 0.08)
+        return [_post(r, h - t, h), _post(rng.uniform(0.05, 0.08), base_t / 2, h - t / 2), _post(base_r, 0.0, base_t)]
+    if kind == "shelf":
+        w, d, h, t = rng.uniform(0.6, 1.0), rng.uniform(0.28, 0.4), rng.uniform(0.8, 1.4), rng.uniform(0.05, 0.07)
+        boards = int(rng.integers(3, 5))  # bottom, top and 1-2 between
+        sides = [_box([t / 2, h / 2, d / 2], [sx * (w / 2 - t / 2), h / 2, 0]) for sx in (-1, 1)]
+        return sides + [_box([w / 2 - t, t / 2, d / 2], [0, t / 2 + k * (h - t) / (boards - 1), 0]) for k in range(boards)]
+    raise ValueError(f"unknown furniture {kind!r}; expected one of {FURNITURE_KINDS}")
+
+
+def _primitive(kind: str, rng: np.random.Generator) -> list[Part]:
+    """One primitive in its own frame, axis along +Y (sizes as the synthetic scenes have always drawn them)."""
+    if kind == "box":
+        return [Part("box", rng.uniform([0.3, 0.3, 0.2], [1.0, 1.0, 1.0]) / 2, _Z_TO_Y, np.zeros(3))]
+    if kind == "sphere":
+        return [Part("sphere", np.array([rng.uniform(0.2, 0.5)]), _EYE, np.zeros(3))]
+    if kind == "cylinder":
+        return [Part("cylinder", np.array([rng.uniform(0.15, 0.45), rng.uniform(0.3, 1.2) / 2]), _Z_TO_Y, np.zeros(3))]
+    if kind == "cone":
+        return [Part("cone", np.array([rng.uniform(0.2, 0.5), rng.uniform(0.4, 1.2) / 2]), _Z_TO_Y, np.zeros(3))]
+    if kind == "torus":
+        major = rng.uniform(0.25, 0.45)
+        return [Part("torus", np.array([major, major * rng.uniform(0.25, 0.45)]), _Z_TO_Y, np.zeros(3))]
+    if kind == "capsule":
+        return [Part("capsule", np.array([rng.uniform(0.12, 0.3), rng.uniform(0.2, 0.8) / 2]), _Z_TO_Y, np.zeros(3))]
+    raise ValueError(f"unknown primitive {kind!r}; expected one of {PRIMITIVE_KINDS}")
+
+
+def standing_object(kind: str, rng: np.random.Generator) -> list[Part]:
+    """One object of a domain kind (:data:`DOMAINS`), turned about +Y, standing on y = 0, centred in x/z."""
+    make = _furniture if kind in FURNITURE_KINDS else _primitive
+    return _stand(make(kind, rng), rng)
+
+
+def transform_parts(parts: list[Part], offset: np.ndarray, scale: float) -> list[Part]:
+    """The parts under ``p -> scale * p + offset`` (a similarity: the fields scale with it)."""
+    return [Part(p.kind, p.params, p.rot, scale * p.trans + offset, scale * p.scale) for p in parts]

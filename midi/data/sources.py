@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from midi.data import front3d, layout
+from midi.config import IMAGE_SUFFIXES, MESH_SUFFIXES
+from midi.data import front3d, layout, meshes
 from midi.data.dataset import read_view
 from midi.data.images import to_uint8
 from midi.data.jobs import (
@@ -36,19 +37,11 @@ from midi.data.jobs import (
     sample_objects,
 )
 from midi.data.layout import detect_layout, safe_name, unique_names
-from midi.data.meshes import (
-    MESH_SUFFIXES,
-    NamedMesh,
-    Normalization,
-    is_mesh_file,
-    load_instances,
-    load_object,
-)
+from midi.data.meshes import NamedMesh, Normalization, is_mesh_file, load_instances, load_object
 from midi.data.surface_io import load_surface
 from midi.data.synthetic import build_synthetic_content
 from midi.errors import DataError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 ID_SUFFIXES = ("_ids", "_seg", "_id", "_instances")
 INSTANCES_JSON = "instances.json"
 MTL_MAPS = ("bump", "disp", "decal", "norm", "refl")  # .mtl texture statements besides map_*
@@ -119,9 +112,8 @@ def _name_instances(objects: list[NamedMesh]) -> list[NamedMesh]:
     return [NamedMesh(n, o.mesh, o.source, o.warning) for n, o in zip(names, objects)]
 
 
-def build_mesh_content(
-    job: SceneJob, objects: list[NamedMesh], user_views: list[ViewData], options: PrepareOptions
-) -> SceneContent:
+def build_mesh_content(job: SceneJob, objects: list[NamedMesh], user_views: list[ViewData], options: PrepareOptions
+                       ) -> SceneContent:
     """Normalises, takes or renders the views, and samples the surfaces of mesh objects.
 
     Raises:
@@ -135,7 +127,8 @@ def build_mesh_content(
     elif options.render == "never":
         raise DataError(f"{job.path}: no scene images and --render never")
     else:
-        objects, views, dropped = drop_unseen(objects, [o.name for o in objects], render_views(objects, options), 1,
+        views = render_views(objects, options, (job.kind, job.path), norm.to_json())
+        objects, views, dropped = drop_unseen(objects, [o.name for o in objects], views, 1,
                                               "not visible in any rendered view")
     return SceneContent(sample_objects(objects, options, job.scene_id), views, norm.to_json(),
                         {"kind": job.kind, "path": str(job.path)}, dropped)
@@ -288,11 +281,7 @@ def _front_normalization(points: list[np.ndarray], bound: float) -> tuple[Normal
         raise DataError("non-finite surface points")
     lo = np.min([p.min(axis=0) for p in points], axis=0)
     hi = np.max([p.max(axis=0) for p in points], axis=0)
-    if not float(np.max(hi - lo)) > 0:
-        raise DataError("room surfaces have zero extent")
-    if np.all(lo >= -1.0) and np.all(hi <= 1.0):
+    if np.all(lo >= -1.0) and np.all(hi <= 1.0) and float(np.max(hi - lo)) > 0:
         extent = float(np.max(np.abs(np.concatenate([lo, hi]))))
         return Normalization((0.0, 0.0, 0.0), 1.0, extent), "kept as published (inside [-1, 1])"
-    center = (lo + hi) / 2.0
-    scale = 2.0 * bound / float(np.max(hi - lo))
-    return Normalization((float(center[0]), float(center[1]), float(center[2])), scale, bound), "renormalised jointly"
+    return meshes.joint_normalization(points, bound), "renormalised jointly"

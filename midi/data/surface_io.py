@@ -34,21 +34,14 @@ SURFACE_SUFFIXES = (".npy", ".npz")
 # occur in files written by different numpy versions; _codecs.encode appears in protocol-2
 # pickles for the raw array bytes, _frombuffer in protocol-5 ones. None of these can run code.
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("numpy.core.multiarray", "_reconstruct"): _multiarray._reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _multiarray._reconstruct,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("numpy.core.multiarray", "scalar"): _multiarray.scalar,
-    ("numpy._core.multiarray", "scalar"): _multiarray.scalar,
-    ("numpy.core.numeric", "_frombuffer"): _numeric._frombuffer,
-    ("numpy._core.numeric", "_frombuffer"): _numeric._frombuffer,
-    ("_codecs", "encode"): codecs.encode,
+    **{(f"{core}.{sub}", name): getattr(module, name) for core in ("numpy.core", "numpy._core") for sub, module, name
+       in (("multiarray", _multiarray, "_reconstruct"), ("multiarray", _multiarray, "scalar"),
+           ("numeric", _numeric, "_frombuffer"))},
+    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode,
     # ndarray subclasses: trimesh's sample_surface/face_normals return TrackedArray, so surfaces
     # saved by trimesh pipelines pickle its name. Rebuilding them as plain ndarrays keeps the
     # data and never imports or runs trimesh (or numpy.matrix) code.
-    ("trimesh.caching", "TrackedArray"): np.ndarray,
-    ("numpy", "matrix"): np.ndarray,
-    ("numpy", "memmap"): np.ndarray,
+    ("trimesh.caching", "TrackedArray"): np.ndarray, ("numpy", "matrix"): np.ndarray, ("numpy", "memmap"): np.ndarray,
 }
 # One line telling the user how to turn a refused (but trusted) file into a plain (P, 6) .npy.
 _CONVERT = ("if you trust it, convert it with: python -c \"import numpy as np, sys; d = np.load(sys.argv[1], "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable
 
 import numpy as np
 import trimesh
@@ -24,42 +23,11 @@ from midi.data.jobs import (
     sample_objects,
 )
 from midi.data.meshes import NamedMesh
+from midi.data.shapes import DOMAINS, Part, object_mesh, standing_object, transform_parts, union_mesh
 from midi.errors import DataError
 
-PRIMITIVES = ("box", "sphere", "cylinder", "cone", "torus", "capsule")
 MAX_ATTEMPTS = 20
 FOOTPRINT_GAP = 0.05
-
-# trimesh.creation builds along +Z; this turns +Z into +Y (our up axis).
-_Z_TO_Y = trimesh.transformations.rotation_matrix(-math.pi / 2, [1, 0, 0])
-
-
-# One maker per kind, drawing its size from the generator.
-_MAKERS: dict[str, Callable[[np.random.Generator], trimesh.Trimesh]] = {
-    "box": lambda rng: trimesh.creation.box(extents=rng.uniform([0.3, 0.3, 0.2], [1.0, 1.0, 1.0])),
-    "sphere": lambda rng: trimesh.creation.icosphere(subdivisions=2, radius=rng.uniform(0.2, 0.5)),
-    "cylinder": lambda rng: trimesh.creation.cylinder(radius=rng.uniform(0.15, 0.45), height=rng.uniform(0.3, 1.2),
-                                                      sections=32),
-    "cone": lambda rng: trimesh.creation.cone(radius=rng.uniform(0.2, 0.5), height=rng.uniform(0.4, 1.2), sections=32),
-    "torus": lambda rng: _torus(rng.uniform(0.25, 0.45), rng),
-    "capsule": lambda rng: trimesh.creation.capsule(height=rng.uniform(0.2, 0.8), radius=rng.uniform(0.12, 0.3),
-                                                    count=[16, 16]),
-}
-
-
-def _torus(major: float, rng: np.random.Generator) -> trimesh.Trimesh:
-    # The minor radius is drawn after the major one (a fixed draw order keeps scenes reproducible).
-    return trimesh.creation.torus(major, major * rng.uniform(0.25, 0.45), major_sections=32, minor_sections=16)
-
-
-def make_primitive(kind: str, rng: np.random.Generator) -> trimesh.Trimesh:
-    """One primitive of :data:`PRIMITIVES` of random size and turn about +Y, standing on y = 0, centred in x/z."""
-    mesh = _MAKERS[kind](rng)
-    mesh.apply_transform(_Z_TO_Y)
-    mesh.apply_transform(trimesh.transformations.rotation_matrix(rng.uniform(0, 2 * math.pi), [0, 1, 0]))
-    lo, hi = mesh.bounds
-    mesh.apply_translation([-(lo[0] + hi[0]) / 2, -lo[1], -(lo[2] + hi[2]) / 2])
-    return mesh
 
 
 def footprint_radius(mesh: trimesh.Trimesh) -> float:
@@ -94,21 +62,26 @@ def _draw_spot(placed: list[np.ndarray], radii: list[float], r: float, half: flo
     return None
 
 
-def make_synthetic_scene(seed: int, min_objects: int = 2, max_objects: int = 5,
-                         kinds: tuple[str, ...] = PRIMITIVES) -> list[tuple[str, trimesh.Trimesh]]:
-    """Makes one seeded scene of primitives (of ``kinds``) standing on the floor (y = 0) without overlap.
-
-    Returns:
-        ``[(name, mesh), ...]`` with names like ``box_0``, in the world frame (not normalised).
-    """
+def scene_parts(seed: int, domain: str = "base", min_objects: int = 2, max_objects: int = 5
+                ) -> list[tuple[str, list[Part]]]:
+    """One seeded scene of ``domain`` objects (:data:`midi.data.shapes.DOMAINS`) standing on the floor
+    (y = 0) without overlap, as analytic parts: ``[(name, parts), ...]`` with names like ``box_0``,
+    in the world frame (not normalised)."""
+    if domain not in DOMAINS:
+        raise DataError(f"unknown synthetic domain {domain!r}; expected one of {', '.join(DOMAINS)}")
     rng = np.random.default_rng(seed)
     count = int(rng.integers(min_objects, max_objects + 1))
-    chosen = [str(k) for k in rng.choice(kinds, size=count)]
-    meshes = [make_primitive(kind, rng) for kind in chosen]
-    positions = place_on_floor([footprint_radius(m) for m in meshes], rng)
-    for mesh, (x, z) in zip(meshes, positions):
-        mesh.apply_translation([x, 0.0, z])
-    return [(f"{kind}_{i}", mesh) for i, (kind, mesh) in enumerate(zip(chosen, meshes))]
+    chosen = [str(k) for k in rng.choice(DOMAINS[domain], size=count)]
+    objects = [standing_object(kind, rng) for kind in chosen]
+    positions = place_on_floor([footprint_radius(union_mesh(parts)) for parts in objects], rng)
+    placed = [transform_parts(parts, np.array([x, 0.0, z]), 1.0) for parts, (x, z) in zip(objects, positions)]
+    return [(f"{kind}_{i}", parts) for i, (kind, parts) in enumerate(zip(chosen, placed))]
+
+
+def make_synthetic_scene(seed: int, domain: str = "base", min_objects: int = 2, max_objects: int = 5
+                         ) -> list[tuple[str, trimesh.Trimesh]]:
+    """:func:`scene_parts` as watertight meshes: ``[(name, mesh), ...]`` in the world frame."""
+    return [(name, object_mesh(parts)) for name, parts in scene_parts(seed, domain, min_objects, max_objects)]
 
 
 def scene_seed(seed: int, index: int) -> int:
@@ -125,16 +98,20 @@ def build_synthetic_content(job: SceneJob, options: PrepareOptions) -> SceneCont
     need = options.min_visible_pixels()
     for attempt in range(MAX_ATTEMPTS):
         seed = job.seed if attempt == 0 else zlib.crc32(f"{job.seed}:{attempt}".encode())
-        pieces = make_synthetic_scene(seed)
+        pieces = make_synthetic_scene(seed, job.domain)
         objects, norm = normalise_objects([NamedMesh(n, m, f"synthetic:{n}") for n, m in pieces], options.bound)
         views = render_views(objects, options)
         if label_counts(views, len(objects))[:, 1:].min() >= need:
-            source = {"kind": "synthetic", "seed": seed, "attempt": attempt}
+            source = {"kind": "synthetic", "domain": job.domain, "seed": seed, "attempt": attempt}
             return SceneContent(sample_objects(objects, options, job.scene_id), views, norm.to_json(), source)
     raise DataError(f"{job.scene_id}: no draw with every object visible after {MAX_ATTEMPTS} attempts")
 
 
-def synthetic_jobs(num_scenes: int, seed: int = 0, start: int = 0) -> list[SceneJob]:
-    """Jobs for synthetic scenes ``start .. start+num_scenes-1`` (ids ``synthetic_00000``...)."""
-    return [SceneJob(f"synthetic_{i:05d}", "synthetic", seed=scene_seed(seed, i))
+def synthetic_jobs(num_scenes: int, seed: int = 0, start: int = 0, domain: str = "base") -> list[SceneJob]:
+    """Jobs for synthetic scenes ``start .. start+num_scenes-1`` of ``domain`` (ids ``synthetic_00000``...
+    for the base domain, ``synthetic_target_00000``... for the target: the two never share an id)."""
+    if domain not in DOMAINS:
+        raise DataError(f"unknown synthetic domain {domain!r}; expected one of {', '.join(DOMAINS)}")
+    prefix = "synthetic" if domain == "base" else f"synthetic_{domain}"
+    return [SceneJob(f"{prefix}_{i:05d}", "synthetic", seed=scene_seed(seed, i), domain=domain)
             for i in range(start, start + num_scenes)]

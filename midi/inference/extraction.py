@@ -19,8 +19,6 @@ Both methods evaluate the VAE decoder (positive inside, surface at 0) on points 
   dense mesh (vertices within 1e-6); the tiny model's rough field agrees within one fine cell
   (``tests/inference/test_extraction.py``). Use ``dense`` to reproduce upstream exactly.
 
-Decoder queries are counted by wrapping ``vae.decode`` (:func:`count_decoder_queries`).
-
 Marching cubes follows upstream's scripts: an optional 3x3x3 box smoothing (upstream calls it
 "gaussian"), level 0, and the vertex mapping ``index / grid_size * bbox_size + bbox_min`` with
 ``grid_size`` = number of points (257), which shrinks meshes by 256/257 towards ``bbox_min``;
@@ -29,10 +27,8 @@ Marching cubes follows upstream's scripts: an optional 3x3x3 box smoothing (upst
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,9 +38,7 @@ import trimesh
 from scipy import ndimage
 from skimage import measure
 
-from midi.pipelines.pipeline_midi import DEFAULT_BBOX_MAX, DEFAULT_BBOX_MIN
-
-logger = logging.getLogger(__name__)
+from midi.pipelines.pipeline_midi import DEFAULT_BBOX_MAX, DEFAULT_BBOX_MIN, grid_axes
 
 METHODS = ("dense", "coarse_to_fine")
 NO_SURFACE = "no surface (field never crosses 0)"
@@ -95,28 +89,6 @@ class Surface:
     problem: str | None = None  # why there is no mesh
 
 
-@contextmanager
-def count_decoder_queries(vae) -> Iterator[list[int]]:
-    """Counts the query points passed to ``vae.decode`` while open; yields a one-element list
-    holding the running count (read it after the block)."""
-    counter = [0]
-    original = vae.decode
-    shadowed = "decode" in vars(vae)  # an instance attribute (e.g. a stub) to put back
-
-    def counting_decode(z, sampled_points, *args, **kwargs):
-        counter[0] += int(sampled_points.shape[0] * sampled_points.shape[1])
-        return original(z, sampled_points, *args, **kwargs)
-
-    vae.decode = counting_decode
-    try:
-        yield counter
-    finally:
-        if shadowed:
-            vae.decode = original
-        else:
-            del vae.decode  # back to the class method
-
-
 def vae_field(vae, latent: torch.Tensor, num_chunks: int) -> FieldFn:
     """The decoded field of one latent ``(T, C)`` or ``(1, T, C)`` as a :data:`FieldFn`."""
     z = latent if latent.ndim == 3 else latent[None]
@@ -129,42 +101,29 @@ def vae_field(vae, latent: torch.Tensor, num_chunks: int) -> FieldFn:
     return evaluate
 
 
-def grid_axes(bbox_min: Sequence[float], bbox_max: Sequence[float], depth: int) -> list[np.ndarray]:
-    """The per-axis coordinates of the dense grid (exactly those of ``generate_dense_grid_points``)."""
-    return [np.linspace(bbox_min[i], bbox_max[i], 2**depth + 1, dtype=np.float32) for i in range(3)]
-
-
 def _points(axes: list[np.ndarray], index: tuple[np.ndarray, ...], stride: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([axes[a][index[a] * stride] for a in range(3)], axis=1))
 
 
-# The 8 corner offsets of a cell: point arrays (n, n, n) and cell arrays (n - 1, n - 1, n - 1)
-# are related by the slices [i : n - 1 + i] per axis.
-_OFFSETS = [(i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1)]
+# A grid of n points per axis has n - 1 cells; cell i has the corners i and i + 1 on each axis. A size-2 filter
+# with origin -1 reads the window [i, i + 1], so its first n - 1 values are per-cell reductions over the corners.
+def _cell_min(points: np.ndarray) -> np.ndarray:
+    return ndimage.minimum_filter(points, size=2, origin=-1)[:-1, :-1, :-1]
 
 
-def _corner_slices(offset: tuple[int, int, int], cells_shape: tuple[int, ...]) -> tuple[slice, ...]:
-    return tuple(slice(o, o + s) for o, s in zip(offset, cells_shape))
-
-
-def _corners(points: np.ndarray) -> list[np.ndarray]:
-    """The 8 corner values of every cell: 8 arrays of one fewer per axis than ``points``."""
-    cells_shape = tuple(s - 1 for s in points.shape)
-    return [points[_corner_slices(o, cells_shape)] for o in _OFFSETS]
+def _cell_max(points: np.ndarray) -> np.ndarray:
+    return ndimage.maximum_filter(points, size=2, origin=-1)[:-1, :-1, :-1]
 
 
 def _straddling_cells(values: np.ndarray, level: float) -> np.ndarray:
     """Cells whose 8 corners include values on both sides of ``level``."""
-    corners = _corners(values)
-    return (np.minimum.reduce(corners) <= level) & (np.maximum.reduce(corners) >= level)
+    return (_cell_min(values) <= level) & (_cell_max(values) >= level)
 
 
 def _cell_corners(cells: np.ndarray) -> np.ndarray:
     """Grid points that are a corner of at least one marked cell."""
-    points = np.zeros(tuple(s + 1 for s in cells.shape), dtype=bool)
-    for o in _OFFSETS:
-        points[_corner_slices(o, cells.shape)] |= cells
-    return points
+    # Point p is a corner of the cells p - 1 and p on each axis: the default window, zero beyond the grid.
+    return ndimage.maximum_filter(np.pad(cells, ((0, 1),) * 3), size=2, mode="constant")
 
 
 def _upsample(values: np.ndarray) -> np.ndarray:
@@ -181,7 +140,7 @@ def _near_cells(values: np.ndarray, level: float, band_cells: float) -> np.ndarr
     if slopes.size == 0:
         return np.zeros(tuple(s - 1 for s in values.shape), bool)
     near = np.abs(values - level) <= band_cells * float(np.median(slopes))
-    return np.logical_or.reduce(_corners(near))
+    return _cell_max(near)
 
 
 def _refine_masks(values: np.ndarray, known: np.ndarray, dilation: int, level: float,
@@ -269,26 +228,18 @@ def extract_coarse_to_fine(vae, latent: torch.Tensor, config: ExtractionConfig) 
     return _surface(config, values, values.shape, bbox_min, bbox_max - bbox_min, queries, start)
 
 
-def extract_dense(pipe, latent: torch.Tensor, config: ExtractionConfig) -> Surface:
-    """One instance's mesh from ``pipe.decode_latents`` on the full grid (upstream's way)."""
+def extract_dense(pipe, latents: torch.Tensor, config: ExtractionConfig) -> list[Surface]:
+    """Meshes of latents ``(N, T, C)`` from one ``pipe.decode_latents`` on the full grid (upstream's way). With
+    ``decode_progressive`` (upstream's second decode on per-instance boxes) the batch is the scene, as its bbox
+    carry-over needs; each instance is timed with its marching cubes and a share of the decoding."""
     start = time.perf_counter()
-    with count_decoder_queries(pipe.vae) as counter:
-        values, grid_sizes, bbox_sizes, bbox_mins, _ = pipe.decode_latents(
-            latent[None] if latent.ndim == 2 else latent, octree_depth=config.octree_depth,
-            num_chunks=config.num_chunks, bbox_min=config.bbox_min, bbox_max=config.bbox_max)
-    return _surface(config, values[0], grid_sizes[0], bbox_mins[0], bbox_sizes[0], counter[0], start)
-
-
-def extract_dense_progressive(pipe, latents: torch.Tensor, config: ExtractionConfig) -> list[Surface]:
-    """All instances at once with upstream's progressive decode (its bbox carry-over needs the batch)."""
-    start = time.perf_counter()
-    with count_decoder_queries(pipe.vae) as counter:
-        values, grid_sizes, bbox_sizes, bbox_mins, _ = pipe.decode_latents(
-            latents, decode_progressive=True, octree_depth=config.octree_depth, num_chunks=config.num_chunks,
-            bbox_min=config.bbox_min, bbox_max=config.bbox_max)
+    values, grid_sizes, bbox_sizes, bbox_mins, _ = pipe.decode_latents(
+        latents, decode_progressive=config.decode_progressive, octree_depth=config.octree_depth,
+        num_chunks=config.num_chunks, bbox_min=config.bbox_min, bbox_max=config.bbox_max)
     n = len(latents)
-    share = (time.perf_counter() - start) / n  # each instance: its marching cubes + a share of the decoding
-    return [_surface(config, values[i], grid_sizes[i], bbox_mins[i], bbox_sizes[i], counter[0] // n,
+    share = (time.perf_counter() - start) / n
+    queries = values.shape[1] * (2 if config.decode_progressive else 1)  # the progressive decode is a second pass
+    return [_surface(config, values[i], grid_sizes[i], bbox_mins[i], bbox_sizes[i], queries,
                      time.perf_counter() - share) for i in range(n)]
 
 
@@ -301,7 +252,7 @@ def extract_surfaces(pipe, latents: torch.Tensor, config: ExtractionConfig,
     """
     config.validate()
     if config.decode_progressive:
-        return extract_dense_progressive(pipe, latents, config)
-    extract = extract_dense if config.method == "dense" else (lambda p, z, c: extract_coarse_to_fine(p.vae, z, c))
+        return extract_dense(pipe, latents, config)
     indices = range(len(latents))
-    return [extract(pipe, latents[i], config) for i in (progress(indices) if progress else indices)]
+    return [extract_dense(pipe, latents[i : i + 1], config)[0] if config.method == "dense"
+            else extract_coarse_to_fine(pipe.vae, latents[i], config) for i in (progress(indices) if progress else indices)]

@@ -34,7 +34,6 @@ from midi.tiny import load_pipeline, mi_blocks_for
 logger = logging.getLogger(__name__)
 
 MODELS = ("transformer", "vae", "image_encoder_1", "image_encoder_2")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -48,8 +47,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def free_device_memory() -> None:
     """Returns cached CUDA blocks after an out-of-memory error, so the next scene starts clean."""
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()  # a no-op while CUDA is not initialised
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -84,7 +82,7 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
         raise InputError(f"--device {device}: {exc}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    return dev, DTYPES[dtype] if dtype != "auto" else torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return dev, getattr(torch, dtype) if dtype != "auto" else torch.bfloat16 if dev.type == "cuda" else torch.float32
 
 
 def _install_lora(pipe, adapter: LoadedAdapter, mi_blocks: list[str], alpha: float | None) -> str:

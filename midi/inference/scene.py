@@ -1,11 +1,10 @@
 """A scene's inputs: the RGB image and its instance map, read, checked, padded and named.
 
 The image and the map are decoded by :mod:`midi.data.images` (the one reader, shared with the data
-tools and training), so a map gives the same instances in the same order everywhere. That order
-decides which noise row each instance gets (reproducibility): the reader's documented one, ascending
-label (RGB maps by palette index, else luminance). ``order="upstream"`` reproduces upstream's
-grey-level order only: an RGBA image is still composited on white unless ``rgba="upstream"`` (CLI
-``--rgba upstream``) drops the alpha channel as upstream does (transparent pixels keep their colour).
+tools and training), so a map gives the same instances in the same order everywhere; that order
+decides which noise row each instance gets. ``order="upstream"`` reproduces upstream's grey-level
+order only: an RGBA image is still composited on white unless ``rgba="upstream"`` (CLI ``--rgba
+upstream``) drops the alpha channel as upstream does.
 
 Non-square images are centred on a white square (the processors centre-crop, and upstream's mask
 channel is resized without the crop, so a non-square frame would lose and misalign instances);

@@ -58,23 +58,18 @@ def set_mi_attention(transformer: torch.nn.Module, self_attn_module_names: Seque
     ``blocks.10``-``blocks.19`` (a warning says so). ValueError for a name that selects no block.
     """
     names = list(transformer.attn_processors)
-
-    def selected(name: str, wanted: str) -> bool:
-        block = name.rsplit(".attn", 1)[0]
-        return block == wanted if exact else name.startswith(wanted)
-
-    if self_attn_module_names is not None:
-        self_names = [n for n in names if n.endswith("attn1.processor")]
-        for wanted in self_attn_module_names:
-            hits = [n.rsplit(".attn", 1)[0] for n in self_names if selected(n, wanted)]
-            if not hits:
-                raise ValueError(f"set_self_attn_module_names: {wanted!r} selects no transformer block "
-                                 f"(valid: blocks.0..blocks.{len(self_names) - 1})")
-            if len(hits) > 1:
-                logger.warning("set_self_attn_module_names: %r prefix-matches %s (upstream behaviour); "
-                               "pass exact block names to select one block", wanted, hits)
-    chosen = [n for n in names if n.endswith("attn1.processor") and (
-        self_attn_module_names is None or any(selected(n, w) for w in self_attn_module_names))]
+    self_names = [n for n in names if n.endswith("attn1.processor")]
+    picked = set(self_names if self_attn_module_names is None else ())
+    for wanted in self_attn_module_names or ():
+        hits = [n for n in self_names if (n.rsplit(".attn", 1)[0] == wanted if exact else n.startswith(wanted))]
+        if not hits:
+            raise ValueError(f"set_self_attn_module_names: {wanted!r} selects no transformer block "
+                             f"(valid: blocks.0..blocks.{len(self_names) - 1})")
+        if len(hits) > 1:
+            logger.warning("set_self_attn_module_names: %r prefix-matches %s (upstream behaviour); "
+                           "pass exact block names to select one block", wanted, [n.rsplit(".attn", 1)[0] for n in hits])
+        picked.update(hits)
+    chosen = [n for n in self_names if n in picked]
     transformer.set_attn_processor({n: MIAttnProcessor2_0(use_mi=n in chosen) for n in names})
     return chosen
 
@@ -82,17 +77,13 @@ def set_mi_attention(transformer: torch.nn.Module, self_attn_module_names: Seque
 class CustomAdapterMixin:
     """``init_custom_adapter`` / ``load_custom_adapter`` / ``save_custom_adapter`` for MIDIPipeline."""
 
-    def init_custom_adapter(
-        self,
-        set_self_attn_module_names: Sequence[str] | None = None,
-        pretrained_image_encoder_2_processor_config: dict[str, Any] | None = None,
-        image_encoder_2_input_channels: int = 7,
-        image_encoder_2_init_projection_method: str = "clone",
-        transformer_lora_config: dict[str, Any] | None = None,
-        image_encoder_1_lora_config: dict[str, Any] | None = None,
-        image_encoder_2_lora_config: dict[str, Any] | None = None,
-        exact_module_names: bool = False,
-    ) -> None:
+    def init_custom_adapter(self, set_self_attn_module_names: Sequence[str] | None = None,
+                            pretrained_image_encoder_2_processor_config: dict[str, Any] | None = None,
+                            image_encoder_2_input_channels: int = 7, image_encoder_2_init_projection_method: str = "clone",
+                            transformer_lora_config: dict[str, Any] | None = None,
+                            image_encoder_1_lora_config: dict[str, Any] | None = None,
+                            image_encoder_2_lora_config: dict[str, Any] | None = None,
+                            exact_module_names: bool = False) -> None:
         """Prepares the pipeline for MIDI, in upstream order: (1) rebuild ``feature_extractor_2`` with the
         overrides; (2) widen DINOv2's patch projection to ``image_encoder_2_input_channels`` (the released
         weights already have 7); (3) :func:`set_mi_attention`; (4) for each of transformer /
@@ -101,18 +92,16 @@ class CustomAdapterMixin:
         """
         if pretrained_image_encoder_2_processor_config is not None:
             processor_cls = getattr(transformers, "BitImageProcessorPil", None) or transformers.BitImageProcessor
-            self.feature_extractor_2 = processor_cls.from_dict(
-                self.feature_extractor_2.to_dict(), **pretrained_image_encoder_2_processor_config
-            )
+            self.feature_extractor_2 = processor_cls.from_dict(self.feature_extractor_2.to_dict(),
+                                                               **pretrained_image_encoder_2_processor_config)
         encoder = self.image_encoder_2
         if encoder.config.num_channels < image_encoder_2_input_channels:
             state = encoder.state_dict()
-            state[PATCH_PROJECTION_KEY] = expand_patch_projection(
-                state[PATCH_PROJECTION_KEY], image_encoder_2_input_channels, image_encoder_2_init_projection_method
-            )
-            config = encoder.config
-            config.num_channels = image_encoder_2_input_channels
-            widened = Dinov2Model(config)
+            state[PATCH_PROJECTION_KEY] = expand_patch_projection(state[PATCH_PROJECTION_KEY],
+                                                                  image_encoder_2_input_channels,
+                                                                  image_encoder_2_init_projection_method)
+            encoder.config.num_channels = image_encoder_2_input_channels
+            widened = Dinov2Model(encoder.config)
             widened.load_state_dict(state, strict=True)
             self.register_modules(image_encoder_2=widened.to(device=self.device, dtype=self.dtype).eval())
 
@@ -126,14 +115,8 @@ class CustomAdapterMixin:
             else:
                 model.requires_grad_(False)
 
-    def save_custom_adapter(
-        self,
-        save_directory: str | os.PathLike,
-        weight_name: str,
-        safe_serialization: bool = True,
-        include_keys: Sequence[str] | None = None,
-        exclude_keys: Sequence[str] | None = None,
-    ) -> Path:
+    def save_custom_adapter(self, save_directory: str | os.PathLike, weight_name: str, safe_serialization: bool = True,
+                            include_keys: Sequence[str] | None = None, exclude_keys: Sequence[str] | None = None) -> Path:
         """Writes the weights of the three trainable models whose keys contain any of ``include_keys`` and
         none of ``exclude_keys`` to ``save_directory / weight_name`` (atomically; safetensors, or a torch
         pickle) and returns the file. Upstream saves nothing when ``include_keys`` is None; here None
@@ -158,13 +141,8 @@ class CustomAdapterMixin:
                 torch.save(state, f)
         return target
 
-    def load_custom_adapter(
-        self,
-        pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
-        weight_name: str | None = None,
-        subfolder: str | None = None,
-        strict: bool = True,
-    ) -> None:
+    def load_custom_adapter(self, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
+                            weight_name: str | None = None, subfolder: str | None = None, strict: bool = True) -> None:
         """Loads a custom-adapter file (or dict) written by :meth:`save_custom_adapter`.
 
         ``init_custom_adapter`` must have been called with the same LoRA configs first, so that

@@ -41,7 +41,9 @@ try:  # the package is being reorganised: extraction moved under midi.inference
     from midi.inference.extraction import ExtractionConfig, extract_coarse_to_fine
 except ImportError:  # pragma: no cover - the layout before the move
     from midi.extraction import ExtractionConfig, extract_coarse_to_fine
-from midi.mini.shapes import random_shape, sample_surface, shape_field
+from midi.data.meshes import DEFAULT_BOUND
+from midi.data.shapes import Part, random_shape, sample_surface, shape_bounds, shape_field, transform_parts
+from midi.data.synthetic import scene_parts
 from midi.models.autoencoders.autoencoder_kl_triposg import TripoSGVAEModel
 
 CHECKPOINT = "checkpoint.pt"
@@ -66,7 +68,8 @@ class VAERecipe:
     near_sigmas: tuple[float, float] = (0.01, 0.04)
     truncation: float = 0.1
     bce_weight: float = 1.0  # occupancy BCE on output / bce_scale (0: the SDF L1 alone, the first recipe)
-    bce_scale: float = 0.1  # scene units per logit unit (= truncation: BCE and the SDF L1 agree on the field)
+    bce_scale: float = 1.0  # output units per logit unit (the BCE's logit is output / bce_scale)
+    sdf_scale: float = 0.1  # scene units per output unit (the output is a signed distance / sdf_scale): see recon_terms
     sdf_weight: float = 1.0
     kl_weight: float = 1e-3
     kl_warmup_steps: int = 500  # KL weight ramps linearly from 0 to kl_weight
@@ -81,9 +84,17 @@ class VAERecipe:
     eval_shapes: int = 16
     eval_depth: int = 7
     log_every: int = 50
+    shapes: str = "domains"  # "domains": the objects of synthetic scenes of both domains; "general": random_shape
+    init_from: str = ""  # a VAE folder (save_pretrained) to start from instead of the seeded init
 
 
 def build_vae(r: VAERecipe) -> TripoSGVAEModel:
+    if r.init_from:  # a warm start: the earlier run's weights, its posterior width included
+        return TripoSGVAEModel.from_pretrained(r.init_from)
+    return _seeded_vae(r)
+
+
+def _seeded_vae(r: VAERecipe) -> TripoSGVAEModel:
     """The seeded VAE. Its posterior starts narrow (log-variance ``init_logvar``): at the default
     initialisation (std 1, the prior's) the sample's noise drowns the 8-channel latent, which then
     carries too little to place a small object in the scene frame, and the decoder settles on the
@@ -97,9 +108,28 @@ def build_vae(r: VAERecipe) -> TripoSGVAEModel:
     return vae
 
 
-def shape_sample(r: VAERecipe, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def scene_objects(rng: np.random.Generator, domain: str | None = None) -> list[list[Part]]:
+    """The objects of one synthetic scene of ``domain`` (None: either, at random) as
+    ``prepare_data.py --synthetic`` writes them: jointly normalised into [-0.95, 0.95]^3."""
+    domain = domain or ("base" if rng.random() < 0.5 else "target")
+    objects = [parts for _, parts in scene_parts(int(rng.integers(2**31)), domain)]
+    lo, hi = shape_bounds([part for parts in objects for part in parts])
+    scale = 2 * DEFAULT_BOUND / float((hi - lo).max())
+    return [transform_parts(parts, -scale * (lo + hi) / 2, scale) for parts in objects]
+
+
+def draw_objects(r: VAERecipe, rng: np.random.Generator, count: int) -> list[list[Part]]:
+    """``count`` training objects of the recipe's distribution (``r.shapes``)."""
+    if r.shapes == "general":
+        return [random_shape(rng) for _ in range(count)]
+    objects: list[list[Part]] = []
+    while len(objects) < count:
+        objects += scene_objects(rng)
+    return objects[:count]
+
+
+def shape_sample(r: VAERecipe, rng: np.random.Generator, parts: list[Part]) -> dict[str, np.ndarray]:
     """One shape's encoder input ``(P, 6)``, queries ``(Q, 3)`` and targets ``(Q,)`` (positive inside)."""
-    parts = random_shape(rng)
     pts, nrm = sample_surface(parts, r.surface_points, rng)
     near_src = pts[rng.integers(0, len(pts), r.near_points)]
     sigma = np.repeat(r.near_sigmas, [r.near_points // 2, r.near_points - r.near_points // 2])[:, None]
@@ -114,7 +144,7 @@ def shape_sample(r: VAERecipe, rng: np.random.Generator) -> dict[str, np.ndarray
 
 def make_batch(r: VAERecipe, step: int) -> dict[str, torch.Tensor]:
     rng = np.random.default_rng([r.seed, TRAIN_STREAM, step])
-    items = [shape_sample(r, rng) for _ in range(r.batch_size)]
+    items = [shape_sample(r, rng, parts) for parts in draw_objects(r, rng, r.batch_size)]
     return {k: torch.from_numpy(np.stack([it[k] for it in items])).float() for k in ("surface", "queries", "target")}
 
 
@@ -130,7 +160,7 @@ def kl_weight_at(r: VAERecipe, step: int) -> float:
 def recon_terms(pred: torch.Tensor, sdf: torch.Tensor, r: VAERecipe) -> dict[str, torch.Tensor]:
     """The reconstruction terms of decoded values ``pred`` against signed distances ``sdf`` (positive inside)."""
     bce = torch.nn.functional.binary_cross_entropy_with_logits(pred / r.bce_scale, (sdf > 0).to(pred.dtype))
-    sdf_l1 = (pred - sdf.clamp(-r.truncation, r.truncation)).abs().mean() / r.truncation
+    sdf_l1 = (pred * r.sdf_scale - sdf.clamp(-r.truncation, r.truncation)).abs().mean() / r.truncation
     return {"recon": r.bce_weight * bce + r.sdf_weight * sdf_l1, "bce": bce, "sdf_l1": sdf_l1}
 
 
@@ -181,7 +211,12 @@ def evaluate(vae: TripoSGVAEModel, r: VAERecipe, num_points: int = 10000) -> dic
     rows = []
     for i in range(r.eval_shapes):
         rng = np.random.default_rng([r.seed, EVAL_STREAM, i])
-        sample = shape_sample(r, rng)
+        if r.shapes == "general":
+            parts = random_shape(rng)
+        else:  # alternate the domains, one object of a held-out scene each
+            objects = scene_objects(rng, "base" if i % 2 == 0 else "target")
+            parts = objects[int(rng.integers(len(objects)))]
+        sample = shape_sample(r, rng, parts)
         gt, _ = sample_surface(sample["parts"], num_points, rng)
         surface = torch.from_numpy(sample["surface"]).float()[None]
         latent = vae.encode(surface, num_tokens=r.num_tokens, seed=i).latent_dist.mode()  # (1, T, C)
@@ -318,8 +353,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint_minutes", type=float, default=3.0)
     parser.add_argument("--stop_after", type=int, default=None, help="checkpoint and exit after this many steps")
     for f in dataclasses.fields(VAERecipe):
-        if f.type in ("int", "float"):
-            parser.add_argument(f"--{f.name}", type=int if f.type == "int" else float, default=f.default)
+        if f.type in ("int", "float", "str"):
+            parser.add_argument(f"--{f.name}", type={"int": int, "float": float, "str": str}[f.type], default=f.default)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     recipe = VAERecipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(VAERecipe) if hasattr(args, f.name)})

@@ -25,27 +25,15 @@ NumInstances = int | Sequence[int] | torch.Tensor | None
 def project_qkv(
     attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Computes per-head q, k, v with the head-major split and the q/k RMS norms.
-
-    Args:
-        attn: the attention module.
-        hidden_states: queries' input, ``(B, T, C)``.
-        encoder_hidden_states: keys/values' input ``(B, M, C_enc)``, or None for self-attention.
-
-    Returns:
-        ``q (B, H, T, D)``, ``k (B, H, M, D)``, ``v (B, H, M, D)``.
-    """
+    """Per-head ``q (B, H, T, D)``, ``k, v (B, H, M, D)`` with the head-major split and the q/k RMS norms,
+    from queries' input ``(B, T, C)`` and keys/values' input ``(B, M, C_enc)`` (None: self-attention)."""
     batch, num_tokens, _ = hidden_states.shape
     heads = attn.heads
     query = attn.to_q(hidden_states)
-    if encoder_hidden_states is None:
-        kv_input = hidden_states
-    else:
-        kv_input = encoder_hidden_states
-        if attn.norm_cross is not None:
-            kv_input = attn.norm_cross(kv_input)
-    key = attn.to_k(kv_input)
-    value = attn.to_v(kv_input)
+    kv_input = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    if encoder_hidden_states is not None and attn.norm_cross is not None:
+        kv_input = attn.norm_cross(kv_input)
+    key, value = attn.to_k(kv_input), attn.to_v(kv_input)
     head_dim = key.shape[-1] // heads
 
     if not attn.is_cross_attention:
@@ -53,8 +41,7 @@ def project_qkv(
         qkv = torch.cat([query, key, value], dim=-1).view(batch, num_tokens, heads, 3 * head_dim)
         query, key, value = qkv.split(head_dim, dim=-1)
     else:
-        num_kv = key.shape[1]
-        kv = torch.cat([key, value], dim=-1).view(batch, num_kv, heads, 2 * head_dim)
+        kv = torch.cat([key, value], dim=-1).view(batch, key.shape[1], heads, 2 * head_dim)  # (B, M, H, 2D)
         key, value = kv.split(head_dim, dim=-1)
         query = query.view(batch, num_tokens, heads, head_dim)
 
@@ -102,14 +89,11 @@ def _as_int_list(num_instances: NumInstances) -> list[int] | int:
         return int(num_instances)
     if isinstance(num_instances, list | tuple):
         return [int(n) for n in num_instances]
-    raise ValueError(
-        f"num_instances must be an int or a list of per-scene ints, got {type(num_instances).__name__}"
-    )
+    raise ValueError(f"num_instances must be an int or a list of per-scene ints, got {type(num_instances).__name__}")
 
 
-def plan_instance_groups(
-    batch_size: int, num_instances: NumInstances, num_instances_per_batch: int | None = None
-) -> list[tuple[int, int, int]]:
+def plan_instance_groups(batch_size: int, num_instances: NumInstances, num_instances_per_batch: int | None = None
+                         ) -> list[tuple[int, int, int]]:
     """Splits the rows of a batch into runs that share multi-instance attention.
 
     Args:
@@ -131,25 +115,19 @@ def plan_instance_groups(
     counts = _as_int_list(num_instances)
     if isinstance(counts, int):
         if counts < 1 or batch_size % counts != 0:
-            raise ValueError(
-                f"multi-instance attention got num_instances={counts} but a batch of {batch_size} rows; "
-                "the batch must be a whole number of scenes (a multiple of num_instances)"
-            )
+            raise ValueError(f"multi-instance attention got num_instances={counts} but a batch of {batch_size} rows; "
+                             "the batch must be a whole number of scenes (a multiple of num_instances)")
         return [(0, batch_size, counts)]
     if not counts or min(counts) < 1:
         raise ValueError(f"num_instances must list positive per-scene counts, got {counts}")
     if num_instances_per_batch is not None and max(counts) > num_instances_per_batch:
-        raise ValueError(
-            f"num_instances {counts} has a scene with more instances than "
-            f"num_instances_per_batch={num_instances_per_batch}"
-        )
+        raise ValueError(f"num_instances {counts} has a scene with more instances than "
+                         f"num_instances_per_batch={num_instances_per_batch}")
     rows_per_pass = len(counts) * num_instances_per_batch if num_instances_per_batch else sum(counts)
     if batch_size % rows_per_pass != 0:
-        raise ValueError(
-            f"multi-instance attention got num_instances={counts} (num_instances_per_batch="
-            f"{num_instances_per_batch}), which covers {rows_per_pass} rows, but the batch has "
-            f"{batch_size} rows (expected a multiple of {rows_per_pass})"
-        )
+        raise ValueError(f"multi-instance attention got num_instances={counts} (num_instances_per_batch="
+                         f"{num_instances_per_batch}), which covers {rows_per_pass} rows, but the batch has "
+                         f"{batch_size} rows (expected a multiple of {rows_per_pass})")
     runs: list[tuple[int, int, int]] = []
     start = 0
     while start < batch_size:
@@ -164,29 +142,14 @@ def plan_instance_groups(
     return runs
 
 
-def multi_instance_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    num_instances: NumInstances,
-    num_instances_per_batch: int | None = None,
-) -> torch.Tensor:
-    """Self-attention in which the instances of one scene attend to each other's tokens.
-
-    Args:
-        q, k, v: ``(B, H, T, D)``.
-        num_instances, num_instances_per_batch: see :func:`plan_instance_groups`.
-
-    Returns:
-        ``(B, H, T, D)``.
-    """
+def multi_instance_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_instances: NumInstances,
+                             num_instances_per_batch: int | None = None) -> torch.Tensor:
+    """Self-attention of ``q, k, v (B, H, T, D) -> (B, H, T, D)`` in which the instances of one scene attend to
+    each other's tokens; ``num_instances``, ``num_instances_per_batch``: see :func:`plan_instance_groups`."""
     runs = plan_instance_groups(q.shape[0], num_instances, num_instances_per_batch)
     if len(runs) == 1:
         return _grouped_attention(q, k, v, runs[0][2])
-    outs = [
-        _grouped_attention(q[s : s + n], k[s : s + n], v[s : s + n], group) for s, n, group in runs
-    ]
-    return torch.cat(outs, dim=0)
+    return torch.cat([_grouped_attention(q[s : s + n], k[s : s + n], v[s : s + n], group) for s, n, group in runs])
 
 
 class TripoSGAttnProcessor2_0:
@@ -196,22 +159,27 @@ class TripoSGAttnProcessor2_0:
     ``attention_kwargs`` dict can be passed to every attention module without warnings.
     """
 
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        image_rotary_emb: torch.Tensor | None = None,
-        num_instances: NumInstances = None,
-        num_instances_per_batch: int | None = None,
-    ) -> torch.Tensor:
+    use_mi = False  # MIAttnProcessor2_0(use_mi=True) turns multi-instance attention on
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 image_rotary_emb: torch.Tensor | None = None, num_instances: NumInstances = None,
+                 num_instances_per_batch: int | None = None) -> torch.Tensor:
         if image_rotary_emb is not None:
             raise NotImplementedError("rotary embeddings are not used by TripoSG/MIDI-3D")
-        q, k, v = project_qkv(attn, hidden_states, encoder_hidden_states)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
-        return project_out(attn, out, q.dtype)
+        if not self.use_mi:
+            q, k, v = project_qkv(attn, hidden_states, encoder_hidden_states)
+            return project_out(attn, F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask), q.dtype)
+        if encoder_hidden_states is not None:
+            raise ValueError("multi-instance attention is only defined for self-attention modules")
+        if num_instances is None:
+            # Upstream silently returns garbage here; an explicit error is the only safe answer.
+            raise ValueError(
+                "multi-instance attention is enabled but no num_instances was given: pass "
+                "attention_kwargs={'num_instances': <instances per scene>} to the transformer/pipeline"
+            )
+        q, k, v = project_qkv(attn, hidden_states, None)
+        return project_out(attn, multi_instance_attention(q, k, v, num_instances, num_instances_per_batch), q.dtype)
 
 
 class MIAttnProcessor2_0(TripoSGAttnProcessor2_0):
@@ -227,28 +195,3 @@ class MIAttnProcessor2_0(TripoSGAttnProcessor2_0):
 
     def __repr__(self) -> str:
         return f"MIAttnProcessor2_0(use_mi={self.use_mi})"
-
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        image_rotary_emb: torch.Tensor | None = None,
-        num_instances: NumInstances = None,
-        num_instances_per_batch: int | None = None,
-    ) -> torch.Tensor:
-        if not self.use_mi:
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask)
-        if encoder_hidden_states is not None:
-            raise ValueError("multi-instance attention is only defined for self-attention modules")
-        if num_instances is None:
-            # Upstream silently returns garbage here; an explicit error is the only safe answer.
-            raise ValueError(
-                "multi-instance attention is enabled but no num_instances was given: pass "
-                "attention_kwargs={'num_instances': <instances per scene>} to the transformer/pipeline"
-            )
-        q, k, v = project_qkv(attn, hidden_states, None)
-        out = multi_instance_attention(q, k, v, num_instances, num_instances_per_batch)
-        return project_out(attn, out, q.dtype)

@@ -26,9 +26,8 @@ from midi.schedulers.scheduling_rectified_flow import RectifiedFlowScheduler
 
 logger = logging.getLogger(__name__)
 
-COMPONENTS = (
-    "vae", "transformer", "scheduler", "image_encoder_1", "image_encoder_2", "feature_extractor_1", "feature_extractor_2",
-)
+COMPONENTS = ("vae", "transformer", "scheduler", "image_encoder_1", "image_encoder_2", "feature_extractor_1",
+              "feature_extractor_2")
 CUSTOM_CLASSES = {"transformer": TripoSGDiTModel, "vae": TripoSGVAEModel, "scheduler": RectifiedFlowScheduler}
 TRANSFORMERS_ALLOWED = {
     "image_encoder_1": ("CLIPVisionModelWithProjection",),
@@ -68,21 +67,6 @@ def read_model_index(folder: Path) -> dict[str, Any]:
     return index
 
 
-def _weight_shapes(folder: Path) -> tuple[dict[str, tuple[int, ...]], Path] | None:
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        return None
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    shapes[key] = tuple(f.get_slice(key).get_shape())
-        except Exception as exc:
-            raise ModelError(f"{file}: unreadable safetensors file ({exc})") from None
-    return shapes, files[0]
-
-
 def build_on_meta(name: str, model_cls: type, folder: Path) -> torch.nn.Module:
     """``model_cls`` built from the component folder's ``config.json`` on the meta device (no weights)."""
     config_file = folder / "config.json"
@@ -102,12 +86,19 @@ def check_weights(name: str, model_cls: type, folder: Path) -> None:
     """Compares the weight files with a meta-device build of ``model_cls`` from ``config.json``; a
     ModelError names the component, the key and expected vs found shapes."""
     model = build_on_meta(name, model_cls, folder)
-    found = _weight_shapes(folder)
-    if found is None:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
         if not any(folder.glob("*.bin")):
             raise ModelError(f"{folder}: component '{name}' has no weight file (*.safetensors)")
         return  # legacy pickle weights: the library's own loading reports problems
-    shapes, file = found
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                shapes |= {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        except Exception as exc:
+            raise ModelError(f"{file}: unreadable safetensors file ({exc})") from None
+    file = files[0]
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in expected if k not in shapes]
     unexpected = [k for k in shapes if k not in expected]
@@ -143,8 +134,7 @@ def _load_transformers_component(name: str, library: str, class_name: str, folde
         raise ModelError(f"{folder}: component '{name}' key {key!r} expected shape {tuple(model_shape)} (from "
                          f"config.json), found {tuple(ckpt_shape)}")
     for kind in ("missing_keys", "unexpected_keys"):
-        if info.get(kind):
-            keys = sorted(info[kind])
+        if keys := sorted(info.get(kind) or []):
             raise ModelError(f"{folder}: component '{name}' weights do not fit its config: {len(keys)} {kind}, e.g. {keys[:3]}")
     return model.eval()
 
@@ -152,8 +142,7 @@ def _load_transformers_component(name: str, library: str, class_name: str, folde
 def component_dtype(torch_dtype: torch.dtype | dict[str, torch.dtype] | None, name: str) -> torch.dtype | None:
     """The dtype for one component: ``torch_dtype`` itself, or its entry (else ``"default"``) when a dict."""
     if isinstance(torch_dtype, dict):
-        unknown = set(torch_dtype) - set(COMPONENTS) - {"default"}
-        if unknown:
+        if unknown := set(torch_dtype) - set(COMPONENTS) - {"default"}:
             raise ModelError(f"torch_dtype names unknown component(s) {sorted(unknown)}; use {list(COMPONENTS)} or 'default'")
         return torch_dtype.get(name, torch_dtype.get("default"))
     return torch_dtype

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,15 +38,17 @@ DEFAULT_BBOX_MIN = np.array([-1.005, -1.005, -1.005])
 DEFAULT_BBOX_MAX = np.array([1.005, 1.005, 1.005])
 
 
-def generate_dense_grid_points(
-    bbox_min: np.ndarray, bbox_max: np.ndarray, octree_depth: int, indexing: str = "ij"
-) -> tuple[np.ndarray, list[int], np.ndarray]:
+def grid_axes(bbox_min: Sequence[float], bbox_max: Sequence[float], octree_depth: int) -> list[np.ndarray]:
+    """The ``2^depth + 1`` float32 coordinates per axis of the dense grid over the box."""
+    return [np.linspace(bbox_min[i], bbox_max[i], 2**octree_depth + 1, dtype=np.float32) for i in range(3)]
+
+
+def generate_dense_grid_points(bbox_min: np.ndarray, bbox_max: np.ndarray, octree_depth: int, indexing: str = "ij"
+                               ) -> tuple[np.ndarray, list[int], np.ndarray]:
     """Grid points ``((2^d + 1)^3, 3)`` float32, the grid size per axis and the bbox extent."""
-    bbox_min, bbox_max = np.asarray(bbox_min), np.asarray(bbox_max)
-    n = int(2**octree_depth) + 1
-    axes = [np.linspace(bbox_min[i], bbox_max[i], n, dtype=np.float32) for i in range(3)]
+    axes = grid_axes(bbox_min, bbox_max, octree_depth)
     xyz = np.stack(np.meshgrid(*axes, indexing=indexing), axis=-1).reshape(-1, 3)
-    return xyz, [n, n, n], bbox_max - bbox_min
+    return xyz, [len(axes[0])] * 3, np.asarray(bbox_max) - np.asarray(bbox_min)
 
 
 @dataclass
@@ -186,19 +189,11 @@ class MIDIPipeline(DiffusionPipeline, CustomAdapterMixin):
 
     # ----------------------------------------------------------------------------- decoding
     @torch.no_grad()
-    def decode_latents(
-        self,
-        latents: torch.Tensor,
-        sampled_points: torch.Tensor | None = None,
-        decode_progressive: bool = False,
-        decode_to_cpu: bool = False,
-        bbox_min: np.ndarray = DEFAULT_BBOX_MIN,
-        bbox_max: np.ndarray = DEFAULT_BBOX_MAX,
-        octree_depth: int = 8,
-        indexing: str = "ij",
-        padding: float = 0.05,
-        num_chunks: int = 50000,
-    ) -> tuple[torch.Tensor, list, list, list, list]:
+    def decode_latents(self, latents: torch.Tensor, sampled_points: torch.Tensor | None = None,
+                       decode_progressive: bool = False, decode_to_cpu: bool = False,
+                       bbox_min: np.ndarray = DEFAULT_BBOX_MIN, bbox_max: np.ndarray = DEFAULT_BBOX_MAX,
+                       octree_depth: int = 8, indexing: str = "ij", padding: float = 0.05, num_chunks: int = 50000
+                       ) -> tuple[torch.Tensor, list, list, list, list]:
         """Decodes latents on a dense grid (or given points), upstream's way.
 
         With ``decode_progressive`` each instance is decoded again on a grid over the bbox of
@@ -257,27 +252,13 @@ class MIDIPipeline(DiffusionPipeline, CustomAdapterMixin):
 
     # ----------------------------------------------------------------------------- call
     @torch.no_grad()
-    def __call__(
-        self,
-        image,
-        mask,
-        image_scene,
-        num_inference_steps: int = 50,
-        timesteps: list[float] | None = None,
-        guidance_scale: float = 7.0,
-        num_images_per_prompt: int = 1,
-        sampled_points: torch.Tensor | None = None,
-        decode_progressive: bool = False,
-        decode_to_cpu: bool = False,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        attention_kwargs: dict[str, Any] | None = None,
-        callback_on_step_end=None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-        output_type: str = "mesh_vf",
-        return_dict: bool = True,
-        octree_depth: int = 8,
-    ) -> MIDIPipelineOutput | tuple:
+    def __call__(self, image, mask, image_scene, num_inference_steps: int = 50, timesteps: list[float] | None = None,
+                 guidance_scale: float = 7.0, num_images_per_prompt: int = 1, sampled_points: torch.Tensor | None = None,
+                 decode_progressive: bool = False, decode_to_cpu: bool = False,
+                 generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
+                 attention_kwargs: dict[str, Any] | None = None, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs: list[str] | None = None, output_type: str = "mesh_vf",
+                 return_dict: bool = True, octree_depth: int = 8) -> MIDIPipelineOutput | tuple:
         """Generates one latent set per instance image (all instances of one scene together).
 
         Args:

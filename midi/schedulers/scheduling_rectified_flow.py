@@ -18,17 +18,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-WEIGHTING_SCHEMES = ("logit_normal", "logit_normal_dist", "mode", "uniform", "sigma_sqrt", "cosmap", "none")
 
-
-def compute_density_for_timestep_sampling(
-    weighting_scheme: str,
-    batch_size: int,
-    logit_mean: float = 0.0,
-    logit_std: float = 1.0,
-    mode_scale: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+def compute_density_for_timestep_sampling(weighting_scheme: str, batch_size: int, logit_mean: float = 0.0,
+                                          logit_std: float = 1.0, mode_scale: float | None = None,
+                                          generator: torch.Generator | None = None) -> torch.Tensor:
     """Draws ``u in (0, 1)`` (on CPU) from the density named by ``weighting_scheme``.
 
     diffusers' SD3 helper, plus upstream MIDI's ``logit_normal_dist`` (its default), which is the
@@ -74,41 +67,24 @@ class RectifiedFlowScheduler(SchedulerMixin, ConfigMixin):
         timesteps = np.array([(1.0 - i / num_train_timesteps) * num_train_timesteps for i in range(num_train_timesteps)])
         sigmas = torch.from_numpy(timesteps).to(torch.float32) / num_train_timesteps
         if not use_dynamic_shifting:
-            sigmas = self.time_shift(sigmas)
+            sigmas = self.shift_sigmas(sigmas)
         self.timesteps = sigmas * num_train_timesteps
         self.sigmas = sigmas
         self.num_inference_steps: int | None = None
         self._step_index: int | None = None
 
-    @property
-    def step_index(self) -> int | None:
-        return self._step_index
-
-    def time_shift(self, sigmas):
-        """Static shift (identity for ``shift = 1``)."""
-        s = self.config.shift
-        return s * sigmas / (1 + (s - 1) * sigmas)
-
-    @staticmethod
-    def time_shift_dynamic(mu: float, sigmas):
+    def shift_sigmas(self, sigmas, mu: float | None = None):
+        """Applies the configured shift (see the class docstring) to sigmas, numpy or torch."""
+        if not self.config.use_dynamic_shifting:
+            s = self.config.shift
+            return s * sigmas / (1 + (s - 1) * sigmas)  # the identity for s = 1
+        if mu is None:
+            raise ValueError("use_dynamic_shifting=True: pass mu")
         return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
 
-    def shift_sigmas(self, sigmas, mu: float | None = None):
-        """Applies the configured shift to sigmas (numpy or torch)."""
-        if self.config.use_dynamic_shifting:
-            if mu is None:
-                raise ValueError("use_dynamic_shifting=True: pass mu")
-            return self.time_shift_dynamic(mu, sigmas)
-        return self.time_shift(sigmas)
-
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        sigmas: list[float] | np.ndarray | None = None,
-        mu: float | None = None,
-        timesteps: list[float] | None = None,
-    ) -> None:
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      sigmas: list[float] | np.ndarray | None = None, mu: float | None = None,
+                      timesteps: list[float] | None = None) -> None:
         """Builds the sampling schedule ``sigma_i = shift(1 - i/n)``, ``i = 0..n-1``, plus a final 0.
 
         Args:
@@ -143,19 +119,11 @@ class RectifiedFlowScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"timestep {float(timestep)} is not in the schedule; pass one of scheduler.timesteps")
         return indices[1 if len(indices) > 1 else 0].item()
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: float | torch.Tensor,
-        sample: torch.Tensor,
-        generator: torch.Generator | None = None,
-        return_dict: bool = True,
-        **unused,
-    ) -> RectifiedFlowSchedulerOutput | tuple[torch.Tensor]:
+    def step(self, model_output: torch.Tensor, timestep: float | torch.Tensor, sample: torch.Tensor,
+             generator: torch.Generator | None = None, return_dict: bool = True, **unused
+             ) -> RectifiedFlowSchedulerOutput | tuple[torch.Tensor]:
         """One Euler step ``x + (sigma_i - sigma_{i+1}) * v`` computed in fp32, cast to the output dtype."""
-        if isinstance(timestep, int) or (
-            isinstance(timestep, torch.Tensor) and not torch.is_floating_point(timestep)
-        ):
+        if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor) and not torch.is_floating_point(timestep)):
             raise ValueError("pass one of scheduler.timesteps (a float), not an integer index")
         if self._step_index is None:  # the first step: find where the caller's schedule starts
             if isinstance(timestep, torch.Tensor):

@@ -1,5 +1,5 @@
-"""Building a run: precision, the pipeline with LoRA, data, optimizer and schedule, and the
-model-structure checks of the config.
+"""Building a run: precision, the pipeline with LoRA (or fully trainable models), data, optimizer and
+schedule, and the model-structure checks of the config.
 
 :func:`check_model_setup` builds the transformer (and the image encoders, when they get a LoRA)
 on the meta device from their config files: LoRA targets that match nothing, unknown
@@ -18,17 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, cpu_offload
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 
-from midi.config import TrainingConfig, is_tiny
+from midi.config import TrainingConfig, is_tiny, trained_models
 from midi.config_load import training_device_is_cpu
 from midi.errors import ConfigError, ModelError
 from midi.lora import ADAPTER_MODELS, lora_config_dict, matched_lora_targets
 from midi.pipelines.loading import resolve_pipeline_folder
 from midi.pipelines.pipeline_midi import MIDIPipeline
-from midi.tiny import load_pipeline, meta_models
+from midi.tiny import load_pipeline, meta_models, mi_blocks_for
 from midi.training.batches import (
     Collator,
     ConditionPreprocessor,
@@ -40,6 +40,7 @@ from midi.training.batches import (
 )
 from midi.training.cache import prepare_cache
 from midi.training.checkpoints import CheckpointManager
+from midi.training.full import make_trainable
 from midi.training.objective import FlowMatchingModel
 
 logger = logging.getLogger(__name__)
@@ -96,13 +97,24 @@ def build_pipeline(cfg: TrainingConfig, dtype: torch.dtype, device: torch.device
 
     Multi-instance attention on ``model.mi_blocks`` (exact names) and PEFT LoRA adapters via
     ``init_custom_adapter`` (which freezes every model without one); LoRA weights are kept in
-    float32 for the optimizer; gradient checkpointing and VAE slicing as configured.
+    float32 for the optimizer; gradient checkpointing and VAE slicing as configured. With
+    ``model.finetune: full`` there is no LoRA: the trained models are loaded in float32 (their
+    master weights) and made trainable whole, only the frozen ones are cast to ``dtype``.
     """
     m = cfg.model
-    pipe = load_pipeline(m.pretrained_model_name_or_path, dtype, tiny_seed=m.tiny_seed, device=device)
-    configs = lora_configs(cfg)
+    full = m.finetune == "full"
+    resolve_mi_blocks(cfg)
+    pipe = load_pipeline(m.pretrained_model_name_or_path, torch.float32 if full else dtype, tiny_seed=m.tiny_seed,
+                         device=device)
+    configs = {} if full else lora_configs(cfg)
     pipe.init_custom_adapter(set_self_attn_module_names=m.mi_blocks, exact_module_names=True,
                              **{f"{name}_lora_config": config for name, config in configs.items()})
+    if full:
+        for name in ADAPTER_MODELS:
+            if name in trained_models(cfg):
+                make_trainable(getattr(pipe, name), name)
+            elif dtype != torch.float32:
+                torch.nn.Module.to(getattr(pipe, name), dtype)  # plain cast (ModelMixin.to warns for no reason)
     pipe.vae.requires_grad_(False)
     if not trainable_parameters(pipe):
         raise ConfigError(["lora: the adapters have zero trainable parameters; check lora.target_modules"])
@@ -116,7 +128,7 @@ def build_pipeline(cfg: TrainingConfig, dtype: torch.dtype, device: torch.device
 
 
 def trainable_parameters(pipe) -> list[torch.nn.Parameter]:
-    """Every parameter that requires grad (the LoRA weights)."""
+    """Every parameter that requires grad (the LoRA weights, or the fully trained models')."""
     return [p for name in ADAPTER_MODELS for p in getattr(pipe, name).parameters() if p.requires_grad]
 
 
@@ -163,17 +175,33 @@ def scheduler_problems(model_cfg) -> list[str]:
     return []
 
 
+def resolve_mi_blocks(cfg: TrainingConfig, source: str | None = None) -> None:
+    """``model.mi_blocks: null`` -> the model's own blocks (:func:`midi.tiny.mi_blocks_for`), written into
+    ``cfg`` so the saved config, checkpoints and exports name them.
+
+    Raises:
+        ConfigError: the model records no blocks and is neither the release nor the tiny model.
+    """
+    if cfg.model.mi_blocks is None:
+        try:
+            cfg.model.mi_blocks = list(mi_blocks_for(cfg.model.pretrained_model_name_or_path))
+        except ModelError as exc:
+            raise ConfigError([f"model.mi_blocks: null (the model's own), but {exc}"], source) from None
+
+
 def check_model_setup(cfg: TrainingConfig, source: str | None = None) -> None:
     """Checks LoRA targets, multi-instance blocks, trainable parameters and token budgets on models
-    built on the meta device (no weights are read).
+    built on the meta device (no weights are read); resolves ``model.mi_blocks: null``.
 
     Raises:
         ConfigError: every problem, one line each.
     """
-    lo = cfg.lora
+    lo, full = cfg.lora, cfg.model.finetune == "full"
+    resolve_mi_blocks(cfg, source)
     try:
         models = meta_models(cfg.model.pretrained_model_name_or_path,
-                             ["transformer", *[n for n in ENCODERS if getattr(lo, n)]], tiny_seed=cfg.model.tiny_seed)
+                             ["transformer", *[n for n in ENCODERS if getattr(lo, n) and not full]],
+                             tiny_seed=cfg.model.tiny_seed)
     except (ModelError, OSError, ValueError) as exc:
         raise ConfigError([f"model.pretrained_model_name_or_path: cannot read the model configs "
                            f"({' '.join(str(exc).split())})"], source) from None
@@ -186,9 +214,9 @@ def check_model_setup(cfg: TrainingConfig, source: str | None = None) -> None:
                             f"blocks.{num_layers - 1} (upstream MIDI uses blocks.8-12 of 21)")
     trainable = 0
     for name, key in (("transformer", "lora.target_modules"), *((n, f"lora.{n}_target_modules") for n in ENCODERS)):
-        if getattr(lo, name):
+        if getattr(lo, name) and not full:  # full finetuning trains every weight: no targets to check
             trainable += _check_targets(models[name], key, getattr(lo, key.removeprefix("lora.")), lo.rank, problems)
-    if trainable == 0 and not problems:
+    if trainable == 0 and not problems and not full:
         problems.append("lora: the configured LoRA has zero trainable parameters; check lora.target_modules")
     width, budget = transformer.config.width, cfg.data.max_tokens_per_batch
     if budget is not None and budget < width:
@@ -281,11 +309,50 @@ def build(cfg: TrainingConfig, dry_run: bool) -> Run:
     lr_scheduler = build_lr_scheduler(cfg, optimizer, max_steps)
     configure_deepspeed(accelerator, cfg)
     model, optimizer, lr_scheduler = accelerator.prepare(FlowMatchingModel(pipe), optimizer, lr_scheduler)
+    if cfg.cache.enabled and not dry_run:  # the dry run reads files, so it runs the encoders
+        offload_cached_encoders(pipe, cfg, accelerator)
     checkpoints = CheckpointManager(accelerator, pipe, cfg, output_dir, weight_dtype)
     logger.info("mixed precision %s, frozen weights %s, %d process(es), %d optimizer steps", mixed_precision,
                 weight_dtype, accelerator.num_processes, max_steps)
     return Run(cfg, accelerator, pipe, model, optimizer, lr_scheduler, sampler, loader, train_set, val_set,
                checkpoints, output_dir, weight_dtype, num_tokens, max_steps, trainable_parameters(pipe))
+
+
+def cached_encoders(pipe, cfg: TrainingConfig) -> dict[str, torch.nn.Module]:
+    """The frozen modules whose outputs the feature cache holds, so the cached training step never runs them:
+    the VAE encoder's blocks (always; its first Linear stays, as ``vae.device`` and ``vae.dtype`` read it) and
+    the image encoders, when neither trains (else the embeddings are not cached, see ``prepare_cache``)."""
+    modules = {f"vae.encoder.blocks.{i}": block for i, block in enumerate(pipe.vae.encoder.blocks)}
+    if not set(trained_models(cfg)) & set(ENCODERS):
+        modules.update({name: getattr(pipe, name) for name in ENCODERS})
+    return modules
+
+
+def offload_applies(accelerator) -> bool:
+    """Whether :func:`offload_cached_encoders` frees anything: one process on an accelerator."""
+    return accelerator.device.type != "cpu" and accelerator.distributed_type == DistributedType.NO
+
+
+def offload_cached_encoders(pipe, cfg: TrainingConfig, accelerator) -> list[str]:
+    """With the cache on, keeps :func:`cached_encoders` in host memory instead of on the accelerator
+    (about 1.3 GB at the released size); returns their names (none where nothing is offloaded).
+
+    accelerate's ``cpu_offload`` copies a module's weights to the device for each of its forwards, so the
+    previews and validation metrics, which encode their images, still work unchanged. Only on one
+    accelerator: on the CPU there is nothing to move, DDP keeps a reference to every parameter (no memory
+    would be freed) and FSDP/DeepSpeed shard the parameters themselves.
+    """
+    if not offload_applies(accelerator):
+        return []
+    modules = cached_encoders(pipe, cfg)
+    for module in modules.values():
+        cpu_offload(module, execution_device=accelerator.device)
+    if accelerator.device.type == "cuda":
+        torch.cuda.empty_cache()  # hand the freed blocks back, so the step's peak can use them
+    logger.info("cache on: %s kept in host memory (copied to %s only when previews run them)",
+                ", ".join(sorted({n.rsplit(".", 1)[0] if n.startswith("vae.") else n for n in modules})),
+                accelerator.device)
+    return list(modules)
 
 
 def build_data(cfg: TrainingConfig, pipe, accelerator, num_tokens: int, dry_run: bool):

@@ -32,6 +32,7 @@ import safetensors.torch
 import torch
 from tqdm.auto import tqdm
 
+from midi.config import trained_models
 from midi.data.dataset import SceneRecord, subsample_surface
 from midi.errors import DataError
 from midi.lora import save_tensors
@@ -229,12 +230,12 @@ def prepare_cache(cfg, pipe, accelerator, preprocessor: ConditionPreprocessor, s
                   num_tokens: int, records: Sequence[SceneRecord]) -> FeatureCache:
     """The run's cache: keys from the models' fingerprints, missing entries built by all processes.
 
-    Image embeddings are cached only while both image encoders are frozen.
+    Image embeddings are cached only while both image encoders are frozen (no LoRA, not trained in full).
     """
-    embeds = not (cfg.lora.image_encoder_1 or cfg.lora.image_encoder_2)
+    embeds = not set(trained_models(cfg)) & {"image_encoder_1", "image_encoder_2"}
     if not embeds:
-        logger.info("cache: an image encoder has a LoRA, so its embeddings change during training and are not "
-                    "cached; only VAE posteriors are")
+        logger.info("cache: an image encoder trains (LoRA or full), so its embeddings change during training and are "
+                    "not cached; only VAE posteriors are")
     processors = pipe.feature_extractor_1.to_json_string() + pipe.feature_extractor_2.to_json_string()
     embed_key = module_fingerprint(pipe.image_encoder_1, pipe.image_encoder_2) + processors if embeds else None
     cache = FeatureCache(cfg.cache.dir, settings, num_tokens, cfg.cache.num_surface_subsamples,

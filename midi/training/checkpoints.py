@@ -1,4 +1,4 @@
-"""Run bookkeeping: checkpoints, resume and adapter export (verified through the inference path).
+"""Run bookkeeping: checkpoints, resume and export (verified through the inference path).
 
 Output folder of a run::
 
@@ -11,6 +11,10 @@ Output folder of a run::
       best/                     adapter with the lowest validation loss so far (+ best.json)
       lora-final/               the final adapter + config.yaml, checked by reloading it
       previews/step-N/          preview renders and meshes
+
+With ``model.finetune: full`` a checkpoint holds the trained models instead of ``lora/``, and
+``best/`` and ``pipeline-final/`` (instead of ``lora-final/``) are complete pipeline folders
+(:mod:`midi.training.full`).
 
 Every folder is written under a temporary name and renamed when complete, so an interrupted
 run never leaves a half-written checkpoint or adapter.
@@ -45,19 +49,23 @@ from midi.config import (
     CONFIG_FILE,
     METADATA_FILE,
     STATE_FILE,
+    TRAINING_FILE,
     TrainingConfig,
     config_to_dict,
     config_to_yaml,
+    trained_models,
 )
 from midi.data.atomic import commit_dir, write_json, write_text
 from midi.errors import InputError, MidiError, OutputError, TrainingError, UsageError
 from midi.lora import ADAPTER_MODELS, export_lora, load_adapter
-from midi.tiny import load_pipeline
+from midi.tiny import load_pipeline, mi_blocks_for
+from midi.training.full import load_models, save_models, write_pipeline
 
 logger = logging.getLogger(__name__)
 
 # Keys whose change makes a checkpoint unusable (the adapter's shape or the model it belongs to).
-STRUCTURAL_KEYS = ("model.pretrained_model_name_or_path", "model.tiny_seed", "model.mi_blocks", "lora.rank",
+STRUCTURAL_KEYS = ("model.pretrained_model_name_or_path", "model.tiny_seed", "model.mi_blocks", "model.finetune",
+                   "model.train_image_encoders", "lora.rank",
                    "lora.alpha", "lora.use_rslora", "lora.target_modules", "lora.use_dora", "lora.transformer",
                    "lora.image_encoder_1", "lora.image_encoder_2", "lora.image_encoder_1_target_modules",
                    "lora.image_encoder_2_target_modules")
@@ -227,15 +235,17 @@ def _check_inputs(pipe, device: torch.device, dtype: torch.dtype) -> dict[str, t
 
 
 @torch.no_grad()
-def _model_outputs(pipe, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Transformer output on the fixed batch, plus image-encoder outputs when they carry a LoRA."""
+def _model_outputs(pipe, inputs: dict[str, torch.Tensor], names: tuple[str, ...] | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """Transformer output on the fixed batch, plus the outputs of the image encoders in ``names`` (None:
+    those that carry a LoRA)."""
     t = torch.full((2,), 500.0, device=inputs["x"].device)
     out = {"transformer": pipe.transformer(inputs["x"], t, encoder_hidden_states=inputs["e1"],
                                            encoder_hidden_states_2=inputs["e2"],
                                            attention_kwargs={"num_instances": [2]}, return_dict=False)[0]}
     for name in ("image_encoder_1", "image_encoder_2"):
         encoder = getattr(pipe, name)
-        if getattr(encoder, "peft_config", None):
+        if name in names if names is not None else getattr(encoder, "peft_config", None):
             g = torch.Generator().manual_seed(99)
             size = encoder.config.image_size
             pixels = torch.randn(1, encoder.config.num_channels, size, size, generator=g)
@@ -245,20 +255,27 @@ def _model_outputs(pipe, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def verify_export(pipe, adapter_dir: Path, cfg: TrainingConfig, dtype: torch.dtype) -> dict[str, Any]:
-    """Reloads an exported adapter the way inference does and compares outputs with the training model.
+def verify_export(pipe, folder: Path, cfg: TrainingConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """Reloads an export the way inference does and compares outputs with the training model.
 
-    A fresh pipeline is loaded (on CPU; its trained models are then moved to the training
-    device) and the adapter installed with :func:`midi.lora.load_adapter`; both models run the
-    same fixed batch in eval mode.
+    A fresh pipeline is loaded on CPU (its trained models are then moved to the training device):
+    the base with the adapter installed by :func:`midi.lora.load_adapter`, or with full finetuning
+    the exported folder itself in float32 (the trained weights' dtype) with the multi-instance
+    blocks it records; both pipelines run the same fixed batch in eval mode.
 
     Returns:
         ``{"max_abs_diff", "tolerance", "ok", "compared", "dtype"}``.
     """
     device = pipe.transformer.device
-    fresh = load_pipeline(cfg.model.pretrained_model_name_or_path, dtype, tiny_seed=cfg.model.tiny_seed)
-    adapter = load_adapter(fresh, adapter_dir)
-    for name in ("transformer", *[n for n in ADAPTER_MODELS[1:] if n in adapter.weights]):
+    if cfg.model.finetune == "full":
+        dtype, names = torch.float32, trained_models(cfg)
+        fresh = load_pipeline(str(folder), dtype)
+        fresh.init_custom_adapter(set_self_attn_module_names=mi_blocks_for(str(folder)), exact_module_names=True)
+    else:
+        fresh = load_pipeline(cfg.model.pretrained_model_name_or_path, dtype, tiny_seed=cfg.model.tiny_seed)
+        adapter = load_adapter(fresh, folder)
+        names = ("transformer", *[n for n in ADAPTER_MODELS[1:] if n in adapter.weights])
+    for name in names:
         getattr(fresh, name).to(device).eval()
     inputs = _check_inputs(pipe, device, dtype)
     modes = {n: getattr(pipe, n).training for n in ADAPTER_MODELS}
@@ -266,14 +283,19 @@ def verify_export(pipe, adapter_dir: Path, cfg: TrainingConfig, dtype: torch.dty
         for name in modes:
             getattr(pipe, name).eval()
         # load_adapter keeps LoRA weights in float32 over a 16-bit base, exactly like training.
-        reference, reloaded = _model_outputs(pipe, inputs), _model_outputs(fresh, inputs)
+        reference, reloaded = _model_outputs(pipe, inputs, names), _model_outputs(fresh, inputs, names)
     finally:
         for name, mode in modes.items():
             getattr(pipe, name).train(mode)
+    del fresh
+    return _compare(reference, reloaded, dtype)
+
+
+def _compare(reference: dict[str, torch.Tensor], reloaded: dict[str, torch.Tensor], dtype: torch.dtype
+             ) -> dict[str, Any]:
     diff = _max_diff(reference, reloaded)
     scale = max(1.0, max(float(v.float().abs().max()) for v in reference.values()))
     tolerance = (1e-5 if dtype == torch.float32 else 1e-2) * scale
-    del fresh
     return {"max_abs_diff": diff, "tolerance": tolerance, "ok": diff <= tolerance, "compared": sorted(reference),
             "dtype": str(dtype).removeprefix("torch.")}
 
@@ -282,29 +304,38 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
-def export_adapter(pipe, target: Path, cfg: TrainingConfig, state: TrainerState, mi_blocks: list[str],
-                   verify: bool, dtype: torch.dtype, extra_files: dict[str, str] | None = None) -> Path:
-    """Exports the adapter to ``target`` (atomically), with the config, optionally verified.
+def export_model(pipe, target: Path, cfg: TrainingConfig, state: TrainerState, verify: bool, dtype: torch.dtype,
+                 extra_files: dict[str, str] | None = None) -> Path:
+    """Exports what the run trains to ``target`` (atomically), with the config, optionally verified: the
+    adapter, or with ``model.finetune: full`` the complete pipeline folder (:mod:`midi.training.full`).
 
     Raises:
-        TrainingError: the reloaded adapter does not reproduce the training model; the export is
+        TrainingError: the reloaded export does not reproduce the training model; the export is
             left in ``<target>.unverified`` for inspection.
     """
-    tmp = target.with_name(f"{target.name}.tmp")
+    tmp, full = target.with_name(f"{target.name}.tmp"), cfg.model.finetune == "full"
+    metadata_file = tmp / (TRAINING_FILE if full else METADATA_FILE)
     with cleaned_on_failure(target.parent, target.name):
-        export_lora(pipe, tmp, mi_blocks, extra_metadata=adapter_metadata(cfg, state))
+        if full:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            write_pipeline(pipe, tmp, cfg, trained_models(cfg), cfg.model.mi_blocks)
+            write_json(metadata_file, json.loads(json.dumps(
+                {"format": "midi-full-finetune", "version": 1, "trained": list(trained_models(cfg)),
+                 "mi_blocks": cfg.model.mi_blocks, **adapter_metadata(cfg, state)}, default=str)))
+        else:
+            export_lora(pipe, tmp, cfg.model.mi_blocks, extra_metadata=adapter_metadata(cfg, state))
         write_run_config(cfg, tmp)
         for name, text in (extra_files or {}).items():
             write_text(tmp / name, text)
     if verify:
         check = verify_export(pipe, tmp, cfg, dtype)
-        metadata = json.loads((tmp / METADATA_FILE).read_text())
-        write_json(tmp / METADATA_FILE, {**metadata, "export_check": check})
+        write_json(metadata_file, {**json.loads(metadata_file.read_text()), "export_check": check})
         if not check["ok"]:
             failed = target.with_name(f"{target.name}.unverified")
             commit_dir(tmp, failed)
-            raise TrainingError(f"{failed}: the exported adapter does not reproduce the training model after "
-                                f"reloading (max abs diff {check['max_abs_diff']:.3g} > {check['tolerance']:.3g})")
+            raise TrainingError(f"{failed}: the export does not reproduce the training model after reloading "
+                                f"(max abs diff {check['max_abs_diff']:.3g} > {check['tolerance']:.3g})")
         logger.info("export check passed for %s: max abs diff %.3g", target.name, check["max_abs_diff"])
     commit_dir(tmp, target)
     return target
@@ -327,7 +358,8 @@ class CheckpointManager:
 
     accelerate's ``save_state`` writes optimizer, LR schedule, grad scaler and every process's
     RNG state; the registered hooks replace its full-model weight file by ``lora/`` (the export
-    format, so any checkpoint is also a usable adapter) and load it back on resume.
+    format, so any checkpoint is also a usable adapter), or with ``model.finetune: full`` by the
+    trained models' folders, and load them back on resume.
     """
 
     def __init__(self, accelerator, pipe, cfg: TrainingConfig, output_dir: Path, dtype: torch.dtype) -> None:
@@ -342,13 +374,18 @@ class CheckpointManager:
 
     def _save_hook(self, models: list, weights: list, folder: str) -> None:
         with full_parameters(self.accelerator, models[0]):
-            if self.accelerator.is_main_process:
+            if self.accelerator.is_main_process and self.cfg.model.finetune == "full":
+                save_models(self.pipe, Path(folder), trained_models(self.cfg))
+            elif self.accelerator.is_main_process:
                 export_lora(self.pipe, Path(folder) / ADAPTER_SUBDIR, self.cfg.model.mi_blocks,
                             extra_metadata=adapter_metadata(self.cfg, self._state))
-        weights.clear()  # the frozen base is not saved; lora/ holds everything trainable
+        weights.clear()  # the frozen base is not saved; lora/ (or the trained models) holds everything trainable
 
     def _load_hook(self, models: list, folder: str) -> None:
-        load_adapter(self.pipe, Path(folder) / ADAPTER_SUBDIR, install=False)  # strict: keys and shapes must fit
+        if self.cfg.model.finetune == "full":
+            load_models(self.pipe, Path(folder), trained_models(self.cfg))  # strict, in place
+        else:
+            load_adapter(self.pipe, Path(folder) / ADAPTER_SUBDIR, install=False)  # strict: keys and shapes must fit
         models.clear()  # nothing left for accelerate to load into the model
 
     def save(self, state: TrainerState, name: str | None = None, rotate: bool = True) -> Path:

@@ -159,6 +159,8 @@ def format_dry_run(cfg: TrainingConfig, report: dict[str, Any]) -> str:
         f"  model: {r['model']} ({r['num_tokens']} latent tokens per instance)",
         f"  trainable parameters: {r['trainable_parameters']:,} "
         f"({', '.join(f'{k} {v:,}' for k, v in r['trainable_by_model'].items())})",
+        f"  trained weights: {r['trainable_parameters'] * 4 / 2**20:.2f} MB in float32 (checkpoints hold them; "
+        "pipeline-final/ adds the frozen components)" if cfg.model.finetune == "full" else
         f"  adapter size: {r['trainable_parameters'] * 4 / 2**20:.2f} MB in float32 (lora-final/ holds it twice: "
         "PEFT + custom_adapter)",
         f"  data: {r['num_scenes']} training scenes -> {r['batches_per_epoch']} batches per epoch of up to "

@@ -168,11 +168,32 @@ def test_a_mistyped_data_root_gets_no_synthetic_set(tmp_path, monkeypatch):
     assert (asked.data.root, asked.data.synthetic_if_missing) == ("mine", 3)
 
 
+def render_key_tables(cfg: TrainingConfig) -> str:
+    """TRAINING_README's key tables (Markdown): every key with its value in ``cfg`` and its doc.
+
+    The README shows them for :data:`midi.config.DEFAULT_CONFIG` and the test below keeps them equal,
+    so the schema docs and the default config are the one source of both (on a failure, paste
+    ``render_key_tables(load_config(DEFAULT_CONFIG))`` between the README's markers).
+    """
+
+    def show(value) -> str:
+        if isinstance(value, float):
+            return f"{value:g}"
+        text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+        return text if value is None or isinstance(value, bool | int) else f"`{text}`"
+
+    out = []
+    for section, body in config_to_dict(cfg).items():
+        out += [f"### {section}", "", "| key | default | meaning |", "| --- | --- | --- |"]
+        out += [f"| `{section}.{k}` | {show(v)} | {key_doc(f'{section}.{k}')} |" for k, v in body.items()] + [""]
+    return "\n".join(out)
+
+
 def test_readme_key_tables_are_the_rendered_default_config(capsys):
     """TRAINING_README's tables are rendered from the schema with the config a plain run loads,
     and ``--help`` names that config."""
     import train_lora
-    from midi.config import DEFAULT_CONFIG, render_key_tables
+    from midi.config import DEFAULT_CONFIG
 
     readme = (REPO / "TRAINING_README.md").read_text()
     shown = readme.split("<!-- key tables: begin -->\n")[1].split("<!-- key tables: end -->")[0]

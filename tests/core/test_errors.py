@@ -28,7 +28,7 @@ def test_message_names_the_path_and_fits_on_one_line():
     assert str(MidiError("plain")) == "plain"
     assert str(ConfigError(["x.y: bad", "x.z: worse"], "run.yaml")) == "run.yaml: x.y: bad\nrun.yaml: x.z: worse"
     error = ConfigError(problems=["train.batch_size: must be >= 1, got 0"])
-    assert error.problems == ["train.batch_size: must be >= 1, got 0"] and error.source is None
+    assert error.problems == ["train.batch_size: must be >= 1, got 0"] and error.path is None
     assert str(OutOfMemory("denoising")) == "out of memory during denoising"
     assert OutOfMemory("denoising", "try fewer chunks").stage == "denoising"
 

@@ -13,7 +13,6 @@ from midi.inference.extraction import (
     NO_SURFACE,
     ExtractionConfig,
     coarse_to_fine_values,
-    count_decoder_queries,
     extract_surfaces,
     marching_cubes_mesh,
     vae_field,
@@ -123,12 +122,20 @@ def test_chunked_decoding_is_exact(pipe):
     torch.testing.assert_close(whole, chunked, rtol=1e-5, atol=1e-6)
 
 
-def test_query_counter_restores_decode(pipe):
-    before = pipe.vae.decode
-    with count_decoder_queries(pipe.vae) as counter:
-        pipe.vae.decode(torch.zeros(2, 64, 8), sampled_points=torch.zeros(2, 10, 3))
-    assert counter[0] == 20
-    assert pipe.vae.decode == before and "decode" not in vars(pipe.vae)
+def test_reported_queries_are_the_points_decoded(sphere_pipe):
+    """Surface.queries is computed from the grids, not counted: it must equal what vae.decode was asked for."""
+    asked, decode = [], sphere_pipe.vae.decode
+
+    def counting_decode(z, sampled_points, *args, **kwargs):
+        asked.append(sampled_points.shape[0] * sampled_points.shape[1])
+        return decode(z, sampled_points, *args, **kwargs)
+
+    sphere_pipe.vae.decode = counting_decode
+    for progressive in (False, True):
+        asked.clear()
+        config = ExtractionConfig(octree_depth=4, decode_progressive=progressive)
+        surfaces = extract_surfaces(sphere_pipe, torch.zeros(3, 64, 8), config)
+        assert sum(s.queries for s in surfaces) == sum(asked) == (6 if progressive else 3) * 17**3
 
 
 def test_progressive_dense_decodes_twice(sphere_pipe):

@@ -31,9 +31,12 @@ def readme_commands() -> list[str]:
 
 
 def _train_args(command: str) -> list[str]:
-    """The train_lora.py arguments of a command, pointed at the tiny model."""
+    """The train_lora.py arguments of a command, pointed at the tiny model (midi-mini's recipe keeps its
+    own config, with the tiny model and a synthetic set standing in for the folders built first)."""
     words = shlex.split(command)
     args = words[words.index("train_lora.py") + 1:]
+    if "configs/train/mini_pretrain.yaml" in args:
+        args += ["--model.pretrained_model_name_or_path", "tiny", "--data.synthetic_if_missing", "8"]
     return ["configs/train/tiny.yaml" if a == "configs/train/lora_finetune.yaml" else a for a in args]
 
 
@@ -80,6 +83,13 @@ def test_readme_command(command, capsys, monkeypatch):
         result = subprocess.run([sys.executable, "-m", "midi.quickstart", "--help"], cwd=REPO, capture_output=True,
                                 text=True)
         assert result.returncode == 0 and "--yes" in result.stdout, result.stderr[-1000:]
+    elif words[:3] == ["python", "-m", "midi.mini.build"]:
+        from midi.mini.build import main
+
+        with pytest.raises(SystemExit) as done:
+            main(["--help"])
+        assert done.value.code == 0 and "--vae" in capsys.readouterr().out
+        assert words[3] and words[words.index("--vae") + 1]  # OUT and --vae VAE given
     elif words[0] == "python" and words[1].endswith(".py"):
         result = subprocess.run([sys.executable, words[1], "--help"], cwd=REPO, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-1000:]

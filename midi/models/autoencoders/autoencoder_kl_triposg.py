@@ -40,23 +40,14 @@ class FrequencyPositionalEmbedding(nn.Module):
         return torch.cat([x, angles.sin(), angles.cos()], dim=-1)
 
 
-def farthest_point_sampling(
-    points: torch.Tensor, num_samples: int, random_start: bool = False, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Greedy farthest point sampling, batched, with no compiled extension.
+def farthest_point_sampling(points: torch.Tensor, num_samples: int, random_start: bool = False,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Greedy farthest point sampling of ``points (B, P, 3)``, batched, with no compiled extension: indices
+    ``(B, num_samples)`` into ``P`` (``num_samples <= P``), in pick order.
 
-    Matches torch_cluster's CPU kernel: the first pick is point 0 (or a random point), the
-    distance is the squared euclidean one in the input dtype, each next pick is the first argmax
-    of the running minimum distance.
-
-    Args:
-        points: ``(B, P, 3)``.
-        num_samples: picks per item (``<= P``).
-        random_start: start from a random point per item instead of point 0.
-        generator: RNG for ``random_start``.
-
-    Returns:
-        Indices ``(B, num_samples)`` into ``P``, in pick order.
+    Matches torch_cluster's CPU kernel: the first pick is point 0 (with ``random_start``, a random point per
+    item drawn with ``generator``), the distance is the squared euclidean one in the input dtype, each next
+    pick is the first argmax of the running minimum distance.
     """
     batch, num_points, _ = points.shape
     idx = torch.empty(batch, num_samples, dtype=torch.long, device=points.device)
@@ -106,16 +97,20 @@ class TripoSGDecoderOutput(BaseOutput):
     sample: torch.Tensor
 
 
+def _cross_block(width: int, num_heads: int) -> DiTBlock:
+    """The VAE's cross-attention block (no self-attention, LayerNorm on the key/value input)."""
+    return DiTBlock(width, num_heads, self_attention=False, cross_attention_dim=width, qk_norm=None,
+                    cross_attention_norm="layer_norm")
+
+
 class TripoSGEncoder(nn.Module):
     """Cross-attention from FPS query points to all points, then self-attention blocks."""
 
     def __init__(self, in_channels: int, width: int, num_heads: int, num_layers: int) -> None:
         super().__init__()
         self.proj_in = nn.Linear(in_channels, width)
-        cross = DiTBlock(width, num_heads, self_attention=False, cross_attention_dim=width,
-                         qk_norm=None, cross_attention_norm="layer_norm")
         selfs = [DiTBlock(width, num_heads, qk_norm=None) for _ in range(num_layers)]
-        self.blocks = nn.ModuleList([cross, *selfs])
+        self.blocks = nn.ModuleList([_cross_block(width, num_heads), *selfs])
         self.norm_out = nn.LayerNorm(width)
 
     def forward(self, queries: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -133,9 +128,7 @@ class TripoSGDecoder(nn.Module):
     def __init__(self, in_channels: int, width: int, num_heads: int, num_layers: int) -> None:
         super().__init__()
         selfs = [DiTBlock(width, num_heads, qk_norm=None) for _ in range(num_layers)]
-        cross = DiTBlock(width, num_heads, self_attention=False, cross_attention_dim=width,
-                         qk_norm=None, cross_attention_norm="layer_norm")
-        self.blocks = nn.ModuleList([*selfs, cross])
+        self.blocks = nn.ModuleList([*selfs, _cross_block(width, num_heads)])
         self.proj_query = nn.Linear(in_channels, width)
         self.norm_out = nn.LayerNorm(width)
         self.proj_out = nn.Linear(width, 1)
@@ -171,19 +164,10 @@ class TripoSGVAEModel(ModelMixin, ConfigMixin):
     _supports_gradient_checkpointing = False
 
     @register_to_config
-    def __init__(
-        self,
-        in_channels: int = 3,
-        latent_channels: int = 64,
-        num_attention_heads: int = 8,
-        width_encoder: int = 512,
-        width_decoder: int = 1024,
-        num_layers_encoder: int = 8,
-        num_layers_decoder: int = 16,
-        embedding_type: str = "frequency",
-        embed_frequency: int = 8,
-        embed_include_pi: bool = False,
-    ) -> None:
+    def __init__(self, in_channels: int = 3, latent_channels: int = 64, num_attention_heads: int = 8,
+                 width_encoder: int = 512, width_decoder: int = 1024, num_layers_encoder: int = 8,
+                 num_layers_decoder: int = 16, embedding_type: str = "frequency", embed_frequency: int = 8,
+                 embed_include_pi: bool = False) -> None:
         super().__init__()
         if embedding_type != "frequency":
             raise ValueError(f"embedding_type={embedding_type!r} is not supported (only 'frequency')")
@@ -205,15 +189,9 @@ class TripoSGVAEModel(ModelMixin, ConfigMixin):
         pos_channels = self.config.in_channels
         return torch.cat([self.embedder(x[..., :pos_channels]), x[..., pos_channels:]], dim=-1)
 
-    def sample_query_points(
-        self, x: torch.Tensor, num_tokens: int = 2048, seed: int | None = None
-    ) -> torch.Tensor:
-        """Upstream's query selection: one random subset of ``4 * num_tokens`` points shared by the
-        batch (numpy ``default_rng(seed)``), then FPS down to ``num_tokens`` per item.
-
-        Returns:
-            ``(B, num_tokens, C)`` rows of ``x``.
-        """
+    def sample_query_points(self, x: torch.Tensor, num_tokens: int = 2048, seed: int | None = None) -> torch.Tensor:
+        """Upstream's query selection, ``(B, num_tokens, C)`` rows of ``x``: one random subset of ``4 * num_tokens``
+        points shared by the batch (numpy ``default_rng(seed)``), then FPS down to ``num_tokens`` per item."""
         num_points = x.shape[1]
         subset = np.random.default_rng(seed).choice(num_points, 4 * num_tokens, replace=4 * num_tokens > num_points)
         selected = x[:, torch.from_numpy(subset).to(x.device)]  # (B, 4T, C)
@@ -226,9 +204,8 @@ class TripoSGVAEModel(ModelMixin, ConfigMixin):
         h = self.encoder(self._point_features(queries), self._point_features(x))
         return self.quant(h)  # (B, T, 2 * latent_channels)
 
-    def encode(
-        self, x: torch.Tensor, return_dict: bool = True, num_tokens: int = 2048, seed: int | None = None
-    ) -> TripoSGEncoderOutput | tuple[DiagonalGaussianDistribution]:
+    def encode(self, x: torch.Tensor, return_dict: bool = True, num_tokens: int = 2048, seed: int | None = None
+               ) -> TripoSGEncoderOutput | tuple[DiagonalGaussianDistribution]:
         """Encodes surface samples ``(B, P, 3 + extra)`` (xyz + normals) into a latent distribution.
 
         Args:
@@ -259,14 +236,8 @@ class TripoSGVAEModel(ModelMixin, ConfigMixin):
             outs.append(out.cpu() if to_cpu else out)
         return torch.cat(outs, dim=1)
 
-    def decode(
-        self,
-        z: torch.Tensor,
-        sampled_points: torch.Tensor,
-        return_dict: bool = True,
-        num_chunks: int = 50000,
-        to_cpu: bool = False,
-    ) -> TripoSGDecoderOutput | tuple[torch.Tensor]:
+    def decode(self, z: torch.Tensor, sampled_points: torch.Tensor, return_dict: bool = True, num_chunks: int = 50000,
+               to_cpu: bool = False) -> TripoSGDecoderOutput | tuple[torch.Tensor]:
         """Evaluates the field of latents ``z (B, T, C)`` at ``sampled_points (B, Q, 3)``.
 
         Returns:

@@ -7,36 +7,28 @@ upstream (VAST-AI-Research/MIDI-3D, TripoSG); see the project's notes in README/
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
-from diffusers.models.attention import FeedForward
-from diffusers.models.attention_processor import Attention, AttentionProcessor
+from diffusers.models.attention import AttentionMixin, FeedForward
+from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import FP32LayerNorm
-from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
+from diffusers.utils import apply_lora_scale
 from torch import nn
 
 from midi.models.attention_processor import TripoSGAttnProcessor2_0
 
 
 def _attention(width: int, heads: int, cross_dim: int | None, qk_norm: str | None, cross_norm: str | None):
-    return Attention(
-        query_dim=width,
-        cross_attention_dim=cross_dim,
-        dim_head=width // heads,
-        heads=heads,
-        qk_norm=qk_norm,
-        eps=1e-6,
-        bias=False,
-        out_bias=True,
-        cross_attention_norm=cross_norm,
-        processor=TripoSGAttnProcessor2_0(),
-    )
+    return Attention(query_dim=width, cross_attention_dim=cross_dim, dim_head=width // heads, heads=heads,
+                     qk_norm=qk_norm, eps=1e-6, bias=False, out_bias=True, cross_attention_norm=cross_norm,
+                     processor=TripoSGAttnProcessor2_0())
 
 
 class DiTBlock(nn.Module):
@@ -54,52 +46,28 @@ class DiTBlock(nn.Module):
         skip: add a U-ViT long skip: ``skip_norm(skip_linear(cat[skip, x]))`` (norm after linear).
     """
 
-    def __init__(
-        self,
-        width: int,
-        num_heads: int,
-        self_attention: bool = True,
-        cross_attention_dim: int | None = None,
-        cross_attention_2_dim: int | None = None,
-        qk_norm: str | None = "rms_norm",
-        cross_attention_norm: str | None = None,
-        skip: bool = False,
-    ) -> None:
+    def __init__(self, width: int, num_heads: int, self_attention: bool = True, cross_attention_dim: int | None = None,
+                 cross_attention_2_dim: int | None = None, qk_norm: str | None = "rms_norm",
+                 cross_attention_norm: str | None = None, skip: bool = False) -> None:
         super().__init__()
-        if self_attention:
-            self.norm1 = FP32LayerNorm(width, eps=1e-5)
-            self.attn1 = _attention(width, num_heads, None, qk_norm, None)
-        else:
-            self.attn1 = None
-        if cross_attention_dim is not None:
-            self.norm2 = FP32LayerNorm(width, eps=1e-5)
-            self.attn2 = _attention(width, num_heads, cross_attention_dim, qk_norm, cross_attention_norm)
-        else:
-            self.attn2 = None
-        if cross_attention_2_dim is not None:
-            self.norm2_2 = FP32LayerNorm(width, eps=1e-5)
-            self.attn2_2 = _attention(width, num_heads, cross_attention_2_dim, qk_norm, cross_attention_norm)
-        else:
-            self.attn2_2 = None
-        self.norm3 = FP32LayerNorm(width, eps=1e-5)
-        self.ff = FeedForward(width, mult=4, activation_fn="gelu", bias=True)
-        # Registered last so the state-dict order matches the released checkpoints.
-        if skip:
-            self.skip_norm = FP32LayerNorm(width, eps=1e-5)
-            self.skip_linear = nn.Linear(2 * width, width)
-        else:
-            self.skip_linear = None
+        norm = functools.partial(FP32LayerNorm, width, eps=1e-5)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        encoder_hidden_states_2: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        image_rotary_emb: torch.Tensor | None = None,
-        skip: torch.Tensor | None = None,
-        attention_kwargs: dict[str, Any] | None = None,
-    ) -> torch.Tensor:
+        def branch(enabled: bool, cross_dim: int | None, cross_norm: str | None) -> tuple:
+            """``(norm, attention)`` of one attention branch, ``(None, None)`` when the block has none."""
+            return (norm(), _attention(width, num_heads, cross_dim, qk_norm, cross_norm)) if enabled else (None, None)
+
+        # The assignment order is the state-dict order of the released checkpoints.
+        self.norm1, self.attn1 = branch(self_attention, None, None)
+        self.norm2, self.attn2 = branch(cross_attention_dim is not None, cross_attention_dim, cross_attention_norm)
+        self.norm2_2, self.attn2_2 = branch(cross_attention_2_dim is not None, cross_attention_2_dim,
+                                            cross_attention_norm)
+        self.norm3, self.ff = norm(), FeedForward(width, mult=4, activation_fn="gelu", bias=True)
+        self.skip_norm, self.skip_linear = (norm(), nn.Linear(2 * width, width)) if skip else (None, None)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                encoder_hidden_states_2: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                image_rotary_emb: torch.Tensor | None = None, skip: torch.Tensor | None = None,
+                attention_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
         kwargs = attention_kwargs or {}
         if self.skip_linear is not None:
             # Skip first, then Linear(2W -> W), then the norm: the order the weights were trained with.
@@ -117,7 +85,7 @@ class DiTBlock(nn.Module):
         return hidden_states + self.ff(self.norm3(hidden_states))
 
 
-class TripoSGDiTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class TripoSGDiTModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
     """The TripoSG/MIDI-3D diffusion transformer.
 
     Args:
@@ -136,15 +104,8 @@ class TripoSGDiTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     _skip_layerwise_casting_patterns = ["norm"]
 
     @register_to_config
-    def __init__(
-        self,
-        num_attention_heads: int = 16,
-        width: int = 2048,
-        in_channels: int = 64,
-        num_layers: int = 21,
-        cross_attention_dim: int = 768,
-        cross_attention_2_dim: int = 1024,
-    ) -> None:
+    def __init__(self, num_attention_heads: int = 16, width: int = 2048, in_channels: int = 64, num_layers: int = 21,
+                 cross_attention_dim: int = 768, cross_attention_2_dim: int = 1024) -> None:
         super().__init__()
         if width % num_attention_heads != 0:
             raise ValueError(f"width={width} must be divisible by num_attention_heads={num_attention_heads}")
@@ -153,49 +114,19 @@ class TripoSGDiTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.time_proj = TimestepEmbedding(in_channels=width, time_embed_dim=4 * width, act_fn="gelu", out_dim=width)
         self.proj_in = nn.Linear(in_channels, width, bias=True)
         self.blocks = nn.ModuleList(
-            DiTBlock(
-                width,
-                num_attention_heads,
-                cross_attention_dim=cross_attention_dim,
-                cross_attention_2_dim=cross_attention_2_dim,
-                qk_norm="rms_norm",
-                skip=layer > num_layers // 2,
-            )
+            DiTBlock(width, num_attention_heads, cross_attention_dim=cross_attention_dim,
+                     cross_attention_2_dim=cross_attention_2_dim, qk_norm="rms_norm", skip=layer > num_layers // 2)
             for layer in range(num_layers)
         )
         self.norm_out = nn.LayerNorm(width)
         self.proj_out = nn.Linear(width, in_channels, bias=True)
         self.gradient_checkpointing = False
 
-    # -- attention processors (diffusers conventions: keys "blocks.{i}.attn1.processor" ...) --------
-    @property
-    def attn_processors(self) -> dict[str, AttentionProcessor]:
-        """All attention processors, keyed by module name + ``.processor``."""
-        return {f"{name}.processor": m.processor for name, m in self.named_modules() if isinstance(m, Attention)}
-
-    def set_attn_processor(self, processor: AttentionProcessor | dict[str, AttentionProcessor]) -> None:
-        """Sets one processor for every attention module, or a dict keyed like :attr:`attn_processors`."""
-        modules = {f"{name}.processor": m for name, m in self.named_modules() if isinstance(m, Attention)}
-        if isinstance(processor, dict):
-            if set(processor) != set(modules):
-                missing = sorted(set(modules) - set(processor))[:3]
-                raise ValueError(f"a processor dict must name all {len(modules)} attention modules (missing {missing})")
-            for key, module in modules.items():
-                module.set_processor(processor[key])
-        else:
-            for module in modules.values():
-                module.set_processor(processor)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        timestep: torch.Tensor | float,
-        encoder_hidden_states: torch.Tensor | None = None,
-        encoder_hidden_states_2: torch.Tensor | None = None,
-        image_rotary_emb: torch.Tensor | None = None,
-        attention_kwargs: dict[str, Any] | None = None,
-        return_dict: bool = True,
-    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+    @apply_lora_scale("attention_kwargs")  # pops attention_kwargs["scale"] and scales the LoRA layers for the call
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor | float,
+                encoder_hidden_states: torch.Tensor | None = None, encoder_hidden_states_2: torch.Tensor | None = None,
+                image_rotary_emb: torch.Tensor | None = None, attention_kwargs: dict[str, Any] | None = None,
+                return_dict: bool = True) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """Predicts the flow ``x0 - eps`` for noisy latents.
 
         Args:
@@ -204,7 +135,7 @@ class TripoSGDiTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             encoder_hidden_states: CLIP image embeddings ``(B, T1, cross_attention_dim)``.
             encoder_hidden_states_2: DINOv2 tokens ``(B, T2, cross_attention_2_dim)``.
             image_rotary_emb: unused by MIDI (kept for signature compatibility).
-            attention_kwargs: ``scale`` (LoRA scale, popped here) and multi-instance arguments
+            attention_kwargs: ``scale`` (LoRA scale; pass it by keyword) and multi-instance arguments
                 (``num_instances``, ``num_instances_per_batch``) forwarded to every attention.
             return_dict: return a ``Transformer2DModelOutput`` instead of a 1-tuple.
 
@@ -213,22 +144,7 @@ class TripoSGDiTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         """
         if encoder_hidden_states is None or encoder_hidden_states_2 is None:
             raise ValueError("TripoSGDiTModel needs both encoder_hidden_states (CLIP) and encoder_hidden_states_2 (DINOv2)")
-        attention_kwargs = dict(attention_kwargs or {})
-        lora_scale = attention_kwargs.pop("scale", 1.0)
-        if USE_PEFT_BACKEND and lora_scale != 1.0:
-            scale_lora_layers(self, lora_scale)
-        try:
-            out = self._forward(
-                hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_2, image_rotary_emb, attention_kwargs
-            )
-        finally:
-            if USE_PEFT_BACKEND and lora_scale != 1.0:
-                unscale_lora_layers(self, lora_scale)
-        if not return_dict:
-            return (out,)
-        return Transformer2DModelOutput(sample=out)
-
-    def _forward(self, x, timestep, ehs, ehs2, image_rotary_emb, attention_kwargs) -> torch.Tensor:
+        x, attention_kwargs = hidden_states, attention_kwargs or {}
         batch, num_tokens, _ = x.shape
         timestep = torch.as_tensor(timestep, device=x.device)
         if timestep.ndim == 0 or timestep.numel() == 1:
@@ -241,7 +157,7 @@ class TripoSGDiTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         skips: list[torch.Tensor] = []
         for layer, block in enumerate(self.blocks):
             skip = skips.pop() if layer > num_layers // 2 else None
-            args = (h, ehs, ehs2, None, image_rotary_emb, skip, attention_kwargs)
+            args = (h, encoder_hidden_states, encoder_hidden_states_2, None, image_rotary_emb, skip, attention_kwargs)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 h = self._gradient_checkpointing_func(block, *args)
             else:
@@ -249,5 +165,5 @@ class TripoSGDiTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             if layer < num_layers // 2:
                 skips.append(h)
 
-        h = self.norm_out(h)[:, -num_tokens:]  # drop the time token
-        return self.proj_out(h)
+        out = self.proj_out(self.norm_out(h)[:, -num_tokens:])  # the time token dropped: (B, N, C_in)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
