@@ -30,6 +30,9 @@ bench: setup
 	$(VENV)/bin/python bench/bench_training.py
 	$(VENV)/bin/python bench/bench_extraction.py
 	$(VENV)/bin/python bench/bench_evaluation.py
+	$(VENV)/bin/python bench/bench_full_size.py train --count --json outputs/bench_full_size/count.json
+	$(VENV)/bin/python bench/bench_full_size.py encoders --json outputs/bench_full_size/encoders.json
+	bash bench/gpu_check.sh --dry_run
 
 quickstart:
 	bash quickstart_lora_training.sh

@@ -12,6 +12,7 @@ try:  # the package is being reorganised: extraction moved under midi.inference
     from midi.inference.extraction import ExtractionConfig, extract_coarse_to_fine
 except ImportError:  # pragma: no cover - the layout before the move
     from midi.extraction import ExtractionConfig, extract_coarse_to_fine
+from midi.data.shapes import KINDS, Part, random_shape, sample_surface, shape_bounds, shape_field
 from midi.mini.pretrain_vae import (
     VAERecipe,
     build_vae,
@@ -22,7 +23,6 @@ from midi.mini.pretrain_vae import (
     recon_terms,
     train,
 )
-from midi.data.shapes import KINDS, Part, random_shape, sample_surface, shape_bounds, shape_field
 
 PARAMS = {"box": [0.3, 0.15, 0.25], "sphere": [0.3], "cylinder": [0.2, 0.3], "cone": [0.3, 0.25],
           "capsule": [0.12, 0.2], "torus": [0.3, 0.1]}

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 import evaluate
 from midi.data.jobs import PrepareOptions
 from midi.data.prepare import prepare_synthetic
