@@ -74,7 +74,16 @@ def tiny_pipeline(seed: int = 0, noise_std: float = 0.05) -> MIDIPipeline:
         torch.manual_seed(seed + k)
         models.append(_perturb(build(), noise_std))
     clip, dino, transformer, vae = models
-    sizes = dict(size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
+    pipe = assemble_pipeline(vae, transformer, clip, dino, TINY_IMAGE_SIZE)
+    pipe.tiny_seed = seed  # recorded by midi.lora.export_lora, so inference rebuilds the same weights
+    return pipe
+
+
+def assemble_pipeline(vae: TripoSGVAEModel, transformer: TripoSGDiTModel, clip: CLIPVisionModelWithProjection,
+                      dino: Dinov2Model, image_size: int) -> MIDIPipeline:
+    """A MIDIPipeline of these models with the release's scheduler and ``image_size`` px processors
+    (ImageNet statistics for DINOv2, as released); the progress bar is off."""
+    sizes = dict(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     clip_processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
     bit_processor = getattr(transformers, "BitImageProcessorPil", None) or transformers.BitImageProcessor
     pipe = MIDIPipeline(
@@ -84,7 +93,6 @@ def tiny_pipeline(seed: int = 0, noise_std: float = 0.05) -> MIDIPipeline:
         feature_extractor_2=bit_processor(**sizes, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]),
     )
     pipe.set_progress_bar_config(disable=True)
-    pipe.tiny_seed = seed  # recorded by midi.lora.export_lora, so inference rebuilds the same weights
     return pipe
 
 

@@ -35,7 +35,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, Dinov2Config, Dinov2Model
 
 from midi.data.atomic import commit_dir, make_tmp_dir
@@ -45,8 +44,7 @@ from midi.models.autoencoders.autoencoder_kl_triposg import TripoSGVAEModel
 from midi.models.transformers.triposg_transformer import TripoSGDiTModel
 from midi.pipelines.loading import check_weights
 from midi.pipelines.pipeline_midi import MIDIPipeline
-from midi.schedulers.scheduling_rectified_flow import RectifiedFlowScheduler
-from midi.tiny import record_mi_blocks
+from midi.tiny import assemble_pipeline, record_mi_blocks
 
 NUM_TOKENS = VAERecipe().num_tokens  # latent tokens the VAE was pretrained with (128)
 IMAGE_SIZE = 64
@@ -58,7 +56,6 @@ MINI_CLIP = dict(hidden_size=ENCODER_WIDTH, intermediate_size=4 * ENCODER_WIDTH,
                  num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=8, projection_dim=ENCODER_WIDTH)
 MINI_DINO = dict(hidden_size=ENCODER_WIDTH, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=4,
                  image_size=IMAGE_SIZE, patch_size=8, num_channels=7)
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 def load_vae(folder: Path) -> TripoSGVAEModel:
@@ -87,17 +84,7 @@ def mini_pipeline(vae: TripoSGVAEModel, seed: int = 0) -> MIDIPipeline:
         models.append(build().eval())
     clip, dino, transformer = models
     record_mi_blocks(transformer, MINI_MI_BLOCKS)
-    sizes = dict(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    clip_processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-    bit_processor = getattr(transformers, "BitImageProcessorPil", None) or transformers.BitImageProcessor
-    pipe = MIDIPipeline(
-        vae=vae, transformer=transformer, image_encoder_1=clip, image_encoder_2=dino,
-        scheduler=RectifiedFlowScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False),
-        feature_extractor_1=clip_processor(**sizes),
-        feature_extractor_2=bit_processor(**sizes, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return assemble_pipeline(vae, transformer, clip, dino, IMAGE_SIZE)
 
 
 def build_mini(folder: str | Path, vae_folder: str | Path, seed: int = 0) -> Path:
