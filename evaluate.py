@@ -12,8 +12,8 @@ Examples::
 instance, ``instance_<label>`` or the object's name), or another prepared dataset (gt vs itself:
 F = 1, CD = 0). ``--generate`` makes them first (``<output_dir>/predictions`` unless ``--pred``),
 resumably. Writes ``metrics.json`` (protocol, run, summary, per scene), ``metrics.csv`` and
-``comparison.png`` (gt | prediction of a few scenes); ``--compare`` writes ``comparison.json`` and
-a per-scene difference plot. Definitions: :mod:`midi.evaluation.metrics`.
+``comparison.png`` (input | gt | prediction of a few scenes); ``--compare`` writes ``comparison.json``,
+``differences.png`` (per-scene differences) and ``comparison.png`` (input | gt | A | B). Definitions: :mod:`midi.evaluation.metrics`.
 
 Exit status: 0 done; 1 some scene failed (one line each, the scene counts as failed, never
 skipped); 2 unusable arguments (``error: ...``, nothing written).
@@ -53,6 +53,8 @@ from midi.evaluation.report import (
     difference_image,
     format_comparison,
     format_table,
+    input_image,
+    side_by_side,
     summarise,
 )
 
@@ -112,6 +114,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gen.add_argument("--num_inference_steps", type=int, default=50)
     gen.add_argument("--guidance_scale", type=float, default=7.0)
     gen.add_argument("--octree_depth", type=int, default=8)
+    gen.add_argument(
+        "--extraction",
+        choices=("dense", "coarse_to_fine"),
+        default="dense",
+        help="coarse_to_fine decodes only near the surface (inference_with_lora.py's flag)",
+    )
     gen.add_argument("--device", default="auto")
     gen.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
     return p.parse_args(argv)
@@ -253,8 +261,13 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.output_dir is not None:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         write_json(args.output_dir / "comparison.json", result)
-        save_png(args.output_dir / "comparison.png", difference_image(result))
-        print(f"wrote {args.output_dir / 'comparison.json'} and comparison.png")
+        save_png(args.output_dir / "differences.png", difference_image(result))
+        written = ["comparison.json", "differences.png"]
+        sheet = side_by_side(runs, result, args.num_renders)
+        if sheet is not None:
+            save_png(args.output_dir / "comparison.png", sheet)
+            written.append("comparison.png")
+        print(f"wrote {', '.join(written)} in {args.output_dir}")
     return 0
 
 
@@ -291,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             args.view,
             args.dtype,
             args.device,
+            args.extraction,
         )
         try:
             generation = gen.prepare_output(pred_dir, settings)
@@ -309,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             entry, clouds = score_scene(record, args, pred_dir, pred_records)
             scenes.append(entry)
             if clouds is not None and len(renders) < args.num_renders:
-                renders.append((record.scene_id, *clouds))
+                renders.append((record.scene_id, input_image(record, args.view), list(clouds)))
     report = {
         "protocol": protocol(args),
         "run": {

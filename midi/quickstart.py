@@ -1,7 +1,7 @@
 """The quickstart wizard behind ``quickstart_lora_training.sh``: from a clone to a running LoRA finetune.
 
     bash quickstart_lora_training.sh                   # asks each question; Enter accepts the [default]
-    bash quickstart_lora_training.sh --yes --model tiny --data synthetic --gpus 0 --no_train
+    bash quickstart_lora_training.sh --yes --model midi-mini --data synthetic --gpus 0 --no_train
 
 Steps: environment report, base model, run name, data, GPUs, memory plan (real dry runs), then
 ``runs/<name>/config.yaml``, the training command and training. A failure or Ctrl-C before training
@@ -43,9 +43,12 @@ from midi.data import atomic, layout
 from midi.errors import InputError, TrainingError, run_cli
 
 REPO_ROOT = memory_plan.REPO_ROOT
-TINY_CONFIG, REAL_CONFIG = "configs/train/tiny.yaml", "configs/train/lora_finetune.yaml"
+# the base config of each kind of model: tiny (random, in-process), midi-mini (trained here), the release
+CONFIGS = {"tiny": "configs/train/tiny.yaml", "mini": "configs/train/mini_lora.yaml",
+           "midi": "configs/train/lora_finetune.yaml"}
+MINI_MODEL, MINI_DIR = "midi-mini", "models/midi-mini"  # the answer and the folder it stands for
 ACCELERATE_CONFIGS = {1: "configs/accelerate/single_gpu.yaml", 2: "configs/accelerate/multi_gpu.yaml"}
-MIN_DISK_GB = {True: 1.0, False: 20.0}  # tiny demo / real model (weights ~10 GB + checkpoints + a cache)
+MIN_DISK_GB = {True: 1.0, False: 20.0}  # tiny or midi-mini / real model (weights ~10 GB + checkpoints + a cache)
 CPU_BUDGET_FRACTION = 0.8  # default CPU budget: this fraction of the available RAM
 OPTIONAL_PACKAGES = ("pytest", "pexpect", "ruff")  # test/lint tools: missing = warning only
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -143,21 +146,33 @@ def doctor(requirements: Path = REPO_ROOT / "requirements.txt", disk: Path = REP
 
 
 def default_model(root: Path = REPO_ROOT) -> str:
-    """The downloaded weights when they are there, else ``tiny``."""
-    return rel(root / DEFAULT_MODEL_DIR) if (root / DEFAULT_MODEL_DIR / "model_index.json").is_file() else TINY_MODEL
+    """The downloaded weights when they are there, else midi-mini (shipped in the repo), else ``tiny``."""
+    for folder in (DEFAULT_MODEL_DIR, MINI_DIR):
+        if (root / folder / "model_index.json").is_file():
+            return rel(root / folder)
+    return TINY_MODEL
 
 
 def check_model(answer: str) -> str:
-    """``tiny``, or the absolute path of a MIDI-3D pipeline folder (ModelError with the download hint)."""
+    """``tiny``, or the absolute path of a MIDI-3D pipeline folder (``midi-mini``: the shipped one;
+    ModelError with the download hint)."""
     if answer.lower() == TINY_MODEL:
         return TINY_MODEL
-    check_model_path(Path(answer).expanduser())
-    return os.path.abspath(Path(answer).expanduser())
+    path = REPO_ROOT / MINI_DIR if answer.lower() == MINI_MODEL else Path(answer).expanduser()
+    check_model_path(path)
+    return os.path.abspath(path)
 
 
-def suggest_name(runs_dir: Path, tiny: bool) -> str:
-    """``tiny-lora`` / ``midi-lora``, numbered ``-2``, ``-3``... when that run folder exists."""
-    stem = "tiny-lora" if tiny else "midi-lora"
+def model_kind(model: str) -> str:
+    """``tiny``, ``mini`` (the shipped midi-mini) or ``midi`` (a release-size folder): picks the base config."""
+    if is_tiny(model):
+        return "tiny"
+    return "mini" if Path(model).resolve() == (REPO_ROOT / MINI_DIR).resolve() else "midi"
+
+
+def suggest_name(runs_dir: Path, kind: str) -> str:
+    """``tiny-lora`` / ``mini-lora`` / ``midi-lora``, numbered ``-2``, ``-3``... when that run folder exists."""
+    stem = f"{kind}-lora"
     return next(n for n in (stem, *(f"{stem}-{k}" for k in range(2, 10**6))) if not (runs_dir / n).exists())
 
 
@@ -219,13 +234,15 @@ class Wizard:
     def choose_model(self) -> None:
         default = default_model()
         if self.args.model is None:
-            print("The LoRA is trained on a MIDI-3D pipeline folder (with model_index.json), or on 'tiny': a toy model "
-                  "that trains on a laptop CPU in a minute (to try the tools; it learns nothing useful).")
-            if is_tiny(default):
+            print("The LoRA is trained on a MIDI-3D pipeline folder (with model_index.json); without a GPU try "
+                  f"'{MINI_MODEL}' ({MINI_DIR}, a small MIDI trained here on primitives: a LoRA teaches it furniture "
+                  "on a laptop CPU in minutes), or 'tiny' (a random toy model: tests the tools, learns nothing).")
+            if not (REPO_ROOT / DEFAULT_MODEL_DIR / "model_index.json").is_file():
                 print(f"No weights in {DEFAULT_MODEL_DIR} yet. To get the real model:\n  {DOWNLOAD_HINT}")
-        self.model = self.ask("Base model folder, or 'tiny'", default, check_model, self.args.model)
-        self.tiny = is_tiny(self.model)
-        self.base = REPO_ROOT / (TINY_CONFIG if self.tiny else REAL_CONFIG)
+        self.model = self.ask(f"Base model folder, '{MINI_MODEL}' or 'tiny'", default, check_model, self.args.model)
+        self.kind = model_kind(self.model)
+        self.tiny = self.kind != "midi"  # small enough for a laptop CPU
+        self.base = REPO_ROOT / CONFIGS[self.kind]
         self.base_cfg = load_config(self.base)
         free = shutil.disk_usage(REPO_ROOT).free / 2**30
         if free < MIN_DISK_GB[self.tiny]:
@@ -233,7 +250,7 @@ class Wizard:
         print(f"base model: {self.model}; the run starts from {rel(self.base)}")
 
     def choose_name(self) -> None:
-        self.name = self.ask(f"Run name (its folder: {rel(self.runs_dir)}/<name>)", suggest_name(self.runs_dir, self.tiny),
+        self.name = self.ask(f"Run name (its folder: {rel(self.runs_dir)}/<name>)", suggest_name(self.runs_dir, self.kind),
                              lambda n: check_name(n, self.runs_dir), self.args.name)
         missing = [p for p in (self.runs_dir, *self.runs_dir.parents) if not p.exists()]
         self.run_dir, self.config_path = self.runs_dir / self.name, self.runs_dir / self.name / "config.yaml"
@@ -262,8 +279,12 @@ class Wizard:
         if answer.lower() == "synthetic":
             n = self.ask("How many synthetic scenes?", "8", whole_number(2), self.args.num_synthetic)
             root = self.run_dir / "data"
-            print(f"Generating {n} synthetic scenes (primitives on a floor, rendered with instance maps) into {root}")
-            if self.python("prepare_data.py", "--synthetic", n, "--output_dir", root, *size):
+            # midi-mini knows the base domain (primitives): its LoRA is for the furniture it never saw
+            domain = "target" if self.kind == "mini" else "base"
+            what = "furniture" if domain == "target" else "primitives"
+            print(f"Generating {n} synthetic scenes ({what} on a floor, rendered with instance maps) into {root}")
+            if self.python("prepare_data.py", "--synthetic", n, "--synthetic_domain", domain, "--output_dir", root,
+                           *size):
                 raise TrainingError("prepare_data.py --synthetic failed (see above)")
             return self.check_data(root)
         root = Path(os.path.abspath(Path(answer).expanduser()))
@@ -319,7 +340,7 @@ class Wizard:
             return
         print("Dry runs (train_lora.py --dry_run: builds the model and times real steps) pick the largest batch "
               "size / LoRA rank / checkpointing whose peak memory fits the budget with 10% headroom; "
-              + ("about half a minute each with the tiny model." if self.tiny else "a few minutes each, at most 5."))
+              + ("about half a minute each with a small model." if self.tiny else "a few minutes each, at most 5."))
         gpu_gib = [torch.cuda.get_device_properties(i).total_memory / 2**30 for i in range(self.gpus)]
         default = min(gpu_gib) if gpu_gib else max(1.0, psutil.virtual_memory().available / 2**30 * CPU_BUDGET_FRACTION)
         budget = self.ask(f"Memory budget per process in GB ({'GPU memory' if self.gpus else 'RAM'})", f"{default:.1f}",
@@ -368,12 +389,12 @@ class Wizard:
         self.created.clear()
 
 
-FLAGS = (("--model", "base model: a MIDI-3D pipeline folder (with model_index.json) or 'tiny'"),
+FLAGS = (("--model", "base model: a MIDI-3D pipeline folder (with model_index.json), 'midi-mini' or 'tiny'"),
          ("--data", "prepared dataset, 3D-Front root, raw meshes, or 'synthetic'"),
          ("--num_synthetic", "synthetic scenes to generate (default 8)"),
          ("--gpus", "GPUs to train on (default: all visible; 0 = CPU)"),
          ("--memory_gb", "memory budget per process in GB (default: the GPU's memory, or 80%% of the available RAM)"),
-         ("--name", "run name (default tiny-lora / midi-lora, numbered when taken)"),
+         ("--name", "run name (default tiny-lora / mini-lora / midi-lora, numbered when taken)"),
          ("--max_steps", "train.max_steps for a quick run (default: the base config's)"),
          ("--no_measure", "skip the dry runs; keep the base config's batch size, rank, checkpointing"),
          ("--no_venv", "(launcher) use python3 on PATH as it is, with no .venv"),

@@ -2,10 +2,12 @@
 
 ``examples/`` holds small synthetic scenes (primitives on a floor, :mod:`midi.data.synthetic`)
 that no shipped config trains on: the tiny config trains on synthetic scenes 0-7 of seed 0, the
-examples are scenes 100, 101, ... of seed 0. Other pairs dropped into the folder (midi-mini's
-held-out scenes, say) are listed too. Regenerate with::
+examples are scenes 100, 101, ... of seed 0. The ``synthetic_target_*`` pairs are midi-mini's
+held-out target-domain scenes (furniture; the first scenes of ``data/mini-target-test``'s seed 300,
+which its LoRA never trained on). Other pairs dropped into the folder are listed too. Regenerate with::
 
     python -m midi.app.examples examples --count 3 --size 256
+    python -m midi.app.examples examples --count 2 --size 256 --domain target --seed 300 --start 0
 """
 
 from __future__ import annotations
@@ -42,14 +44,15 @@ def list_examples(folder: str | Path | None) -> list[tuple[str, Path, Path]]:
         return []
 
 
-def write_examples(folder: str | Path, count: int = 3, size: int = 256, seed: int = 0) -> list[Path]:
-    """Renders ``count`` synthetic scenes (``FIRST_SCENE`` on, of ``seed``) as ``synthetic_<i>_rgb.png``
-    and ``synthetic_<i>_seg.png`` into ``folder``. The maps are palette PNGs (index 0 = background,
+def write_examples(folder: str | Path, count: int = 3, size: int = 256, seed: int = 0, domain: str = "base",
+                   start: int = FIRST_SCENE) -> list[Path]:
+    """Renders ``count`` synthetic scenes of ``domain`` (``start`` on, of ``seed``) as ``<id>_rgb.png``
+    and ``<id>_seg.png`` into ``folder``. The maps are palette PNGs (index 0 = background,
     k = object k): the same labels as the data tools' grey maps, but visible in a file browser, in
     the colours the app gives the instances' meshes."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    jobs = synthetic_jobs(count, seed, start=FIRST_SCENE)
+    jobs = synthetic_jobs(count, seed, start=start, domain=domain)
     written = []
     with tempfile.TemporaryDirectory(prefix="midi-examples-") as tmp:
         # Surfaces are not needed here, but the data tools write them with every scene: keep them few.
@@ -77,8 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=3)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--domain", default="base", help="synthetic domain: base (primitives) or target (furniture)")
+    p.add_argument("--start", type=int, default=FIRST_SCENE, help="index of the first scene")
     args = p.parse_args(argv)
-    for path in write_examples(args.folder, args.count, args.size, args.seed):
+    for path in write_examples(args.folder, args.count, args.size, args.seed, args.domain, args.start):
         print(path)
     return 0
 

@@ -54,6 +54,7 @@ class GenerationSettings:
     view: int = 0
     dtype: str = "auto"
     device: str = "auto"
+    extraction: str = "dense"  # or "coarse_to_fine" (midi.inference.extraction)
 
 
 def lora_identity(path: Path | None) -> dict[str, Any] | None:
@@ -101,7 +102,7 @@ def prepare_output(pred_dir: Path, settings: GenerationSettings) -> dict[str, An
     ident = identity(settings)
     previous = pred_dir / SETTINGS_FILE
     if previous.is_file():
-        old = read_json(previous)
+        old = {"extraction": "dense"} | read_json(previous)  # written before extraction was a setting: dense
         if old != ident:
             changed = sorted(k for k in ident.keys() | old.keys() if old.get(k) != ident.get(k))
             raise EvalError(
@@ -167,7 +168,7 @@ def generate(
             settings.num_inference_steps,
             settings.guidance_scale,
             settings.seed,
-            ExtractionConfig(octree_depth=settings.octree_depth),
+            ExtractionConfig(method=settings.extraction, octree_depth=settings.octree_depth),
             progress=False,
         )
         bar = tqdm(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,9 +19,11 @@ from PIL import Image, ImageDraw
 from scipy import stats
 
 from midi.data.camera import Camera, camera_record, project_points
+from midi.data.dataset import SceneRecord, open_dataset
 from midi.data.images import instance_colours
+from midi.errors import DataError
 from midi.evaluation.metrics import higher_is_better
-from midi.evaluation.predictions import EvalError
+from midi.evaluation.predictions import EvalError, find_scene_file, load_truth, predict_from_file
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
@@ -179,13 +182,21 @@ def splat(clouds: Sequence[np.ndarray | None], camera: dict[str, Any], size: int
 
 
 def comparison_image(
-    rows: Sequence[tuple[str, list[np.ndarray], list[np.ndarray | None]]], size: int = 256
+    rows: Sequence[tuple[str, Image.Image | None, list[list[np.ndarray | None]]]],
+    labels: Sequence[str] = ("ground truth", "prediction"),
+    size: int = 256,
 ) -> Image.Image:
-    """Ground truth | prediction per scene (``(scene id, gt clouds, pred clouds)``), one camera per row."""
-    sheet = Image.new("RGB", (2 * size, len(rows) * (size + 16)), "white")
+    """One row per scene: its input image (when given), then one point render per column.
+
+    ``rows`` holds ``(scene id, input image or None, clouds per column)``, the first column being
+    the ground truth (it frames the camera); ``labels`` names the columns.
+    """
+    with_input = any(image is not None for _, image, _ in rows)
+    columns = [*(["input"] if with_input else []), *labels]
+    sheet = Image.new("RGB", (len(columns) * size, len(rows) * (size + 16)), "white")
     draw = ImageDraw.Draw(sheet)
-    for r, (scene_id, gt, pred) in enumerate(rows):
-        cloud = np.concatenate(gt)
+    for r, (scene_id, image, clouds) in enumerate(rows):
+        cloud = np.concatenate([c for c in clouds[0] if c is not None])
         lo, hi = cloud.min(0), cloud.max(0)
         centre = (lo + hi) / 2
         camera = camera_record(
@@ -195,10 +206,53 @@ def comparison_image(
             size,
         )
         top = r * (size + 16)
-        for c, (label, clouds) in enumerate((("ground truth", gt), ("prediction", pred))):
-            sheet.paste(Image.fromarray(splat(clouds, camera, size)), (c * size, top + 16))
-            draw.text((c * size + 4, top + 2), f"{scene_id}: {label}", fill="black")
+        tiles = [Image.fromarray(splat(col, camera, size)) for col in clouds]
+        if with_input:
+            tiles.insert(0, image.convert("RGB").resize((size, size)) if image is not None else None)
+        for c, tile in enumerate(tiles):
+            if tile is not None:
+                sheet.paste(tile, (c * size, top + 16))
+        for c, label in enumerate(columns):
+            draw.text((c * size + 4, top + 2), f"{scene_id}: {label}" if c == 0 else label, fill="black")
     return sheet
+
+
+def input_image(record: SceneRecord, view: int) -> Image.Image | None:
+    """The scene image a prediction was generated from (None when it cannot be read)."""
+    try:
+        with Image.open(record.views[view][0]) as image:
+            return image.convert("RGB")
+    except (OSError, IndexError):
+        return None
+
+
+def side_by_side(runs: list[dict[str, Any]], result: dict[str, Any], count: int) -> Image.Image | None:
+    """input | ground truth | A | B for the first ``count`` paired scenes, when both runs' predictions
+    and the ground truth are still where their metrics.json says (None otherwise)."""
+    proto = result["protocol"]
+    try:
+        records = {r.scene_id: r for r in open_dataset(Path(proto["gt"]), proto["split"])}
+    except DataError:
+        return None
+    rows = []
+    for scene_id in [sid for sid in result["metrics"]["scene_fscore"]["per_scene"]][:count]:
+        try:
+            record = records[scene_id]
+            truth = load_truth(record, proto["points_per_instance"], proto["sampling_seed"], proto["view"])
+            preds = []
+            for run in runs:
+                pred = predict_from_file(
+                    find_scene_file(Path(run["run"]["pred"]), scene_id),
+                    record,
+                    truth,
+                    proto["points_per_instance"],
+                    proto["sampling_seed"],
+                )
+                preds.append([*pred.points, *pred.extra.values()])
+        except (KeyError, TypeError, EvalError, DataError, ValueError):
+            continue
+        rows.append((scene_id, input_image(record, proto["view"]), [truth.points, *preds]))
+    return comparison_image(rows, ("ground truth", "A", "B")) if rows else None
 
 
 def difference_image(

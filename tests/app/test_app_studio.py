@@ -114,9 +114,12 @@ def test_loras_are_found_under_a_runs_folder(runs, lora, tmp_path):
 
 def test_bundled_examples_read_and_can_be_regenerated(tmp_path):
     examples = list_examples(EXAMPLES_DIR)
-    assert [name for name, _, _ in examples] == ["synthetic_00100", "synthetic_00101", "synthetic_00102"]
+    assert [name for name, _, _ in examples] == ["synthetic_00100", "synthetic_00101", "synthetic_00102",
+                                                 "synthetic_target_00000", "synthetic_target_00001"]
     counts = [len(prepare_scene(rgb, seg, InputOptions()).names) for _, rgb, seg in examples]
-    assert counts == [5, 3, 2]
+    assert counts[:3] == [5, 3, 2] and min(counts) >= 2
+    target = write_examples(tmp_path / "target", count=1, size=64, seed=300, domain="target", start=0)
+    assert [p.name for p in target] == ["synthetic_target_00000_rgb.png", "synthetic_target_00000_seg.png"]
     written = write_examples(tmp_path, count=1, size=64)
     assert [p.name for p in written] == ["synthetic_00100_rgb.png", "synthetic_00100_seg.png"]
     scene = prepare_scene(*written, InputOptions())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -40,10 +42,10 @@ def test_install_lines_are_real():
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    """`make demo` runs demo.py: data -> train -> resume -> inference; every promised output exists."""
+    """`make demo` runs demo.py on midi-mini: data -> train -> resume -> evaluate base and LoRA -> compare."""
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "demo.py", "--output_dir", str(out), "--steps", "4"], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "demo.py", "--output_dir", str(out), "--steps", "4", "--train_scenes", "4",
+                           "--test_scenes", "3"], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = out / "lora-run"
     assert (run / "lora-final" / "adapter_model.safetensors").is_file()
@@ -51,9 +53,11 @@ def test_demo_runs_end_to_end(tmp_path):
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert any((run / "logs").rglob("events.out.tfevents*"))
     assert "resumed from" in (out / "demo.log").read_text()
-    scenes = sorted(p.name for p in (out / "scenes").iterdir())
-    assert "cartoon-00.glb" in scenes and "cartoon-00.png" in scenes and len(scenes) == 4
-    assert f"Everything is under {out}" in proc.stdout
+    comparison = json.loads((out / "eval" / "base-vs-lora" / "comparison.json").read_text())
+    assert comparison["paired_scenes"] >= 2 and comparison["b"]["generation"]["lora"] is not None
+    with Image.open(out / "comparison.png") as sheet:  # input | ground truth | base | LoRA, one row per scene
+        assert sheet.width == 4 * 256 and sheet.height in [k * (256 + 16) for k in (2, 3)]
+    assert "scene F-score (tau 0.1, icp): base" in proc.stdout and f"Everything is under {out}" in proc.stdout
 
 
 def test_api_snippet_runs_on_the_upstream_tiny_folder():
@@ -81,3 +85,21 @@ def test_demo_refuses_to_wipe_a_foreign_folder(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "not made by the demo" in proc.stderr
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_midi_mini_commands_of_the_readme_run(tmp_path):
+    """The README's midi-mini inference line runs as written (output redirected); its app lines parse."""
+    lines = [line.strip() for block in code_blocks("bash") for line in block.splitlines()]
+    infer = [line for line in lines if line.startswith("python inference_with_lora.py") and "models/midi-mini" in line]
+    assert len(infer) == 1
+    words = shlex.split(infer[0])
+    words[words.index("--output") + 1] = str(tmp_path / "chairs.glb")
+    proc = subprocess.run([sys.executable, *words[1:], "--num_inference_steps", "4", "--no_progress"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "chairs.glb").is_file()
+    import app
+
+    for line in (line for line in lines if line.startswith("python app.py")):
+        args = app.parse_args(shlex.split(line.split("#")[0])[2:])
+        assert args.model == "tiny" or (REPO / args.model).is_dir() or args.model.startswith("pretrained_weights")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import trimesh
+from PIL import Image
 
 import evaluate
 from midi.lora import export_lora, lora_config_dict
@@ -112,7 +113,9 @@ def test_documented_commands(runs, data_root):
         lora["summary"]["metrics"]["scene_fscore"]["mean"]
         - base["summary"]["metrics"]["scene_fscore"]["mean"]
     )
-    assert (runs / "eval/base-vs-lora/comparison.png").is_file()
+    assert (runs / "eval/base-vs-lora/differences.png").is_file()
+    with Image.open(runs / "eval/base-vs-lora/comparison.png") as sheet:  # input | gt | A | B per scene
+        assert sheet.width == 4 * 256 and sheet.height == min(4, len(scenes)) * (256 + 16)
 
 
 def test_generate_resumes_and_refuses_other_settings(runs, data_root, capsys):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import trimesh
+from PIL import Image
 from scipy.spatial.distance import cdist
 from scipy.spatial.transform import Rotation
 from threadpoolctl import threadpool_info, threadpool_limits
@@ -395,5 +396,8 @@ def test_splat_draws_the_nearest_point_in_its_colour():
     centre = image[32, 32].astype(int)
     assert (image.reshape(-1, 3) != 255).any(1).sum() == 1  # one pixel drawn
     assert np.abs(centre - instance_colours(2)[1] * 255).max() <= 1  # the near cloud (index 1) wins
-    sheet = comparison_image([("s", [near, far], [near, None])], size=64)
+    sheet = comparison_image([("s", None, [[near, far], [near, None]])], size=64)
     assert sheet.size == (128, 80)
+    photo = Image.new("RGB", (32, 32), (255, 0, 0))
+    sheet = comparison_image([("s", photo, [[near, far], [near, None], [None, far]])], ("gt", "A", "B"), size=64)
+    assert sheet.size == (4 * 64, 80) and sheet.getpixel((10, 40)) == (255, 0, 0)  # the input comes first

@@ -37,6 +37,8 @@ def _train_args(command: str) -> list[str]:
     args = words[words.index("train_lora.py") + 1:]
     if "configs/train/mini_pretrain.yaml" in args:
         args += ["--model.pretrained_model_name_or_path", "tiny", "--data.synthetic_if_missing", "8"]
+    if "configs/train/mini_lora.yaml" in args:  # the shipped midi-mini itself; data/mini-target may not exist yet
+        args += ["--data.synthetic_if_missing", "8"]
     return ["configs/train/tiny.yaml" if a == "configs/train/lora_finetune.yaml" else a for a in args]
 
 

@@ -71,12 +71,16 @@ def test_check_model(tmp_path):
     (tmp_path / "model_index.json").write_text("{}")
     assert qs.check_model(str(tmp_path)) == str(tmp_path)
     assert qs.default_model(tmp_path) == "tiny"
+    mini = qs.check_model("midi-mini")  # the shipped model, by name
+    assert mini == str(REPO / "models" / "midi-mini") and qs.model_kind(mini) == "mini"
+    assert qs.model_kind("tiny") == "tiny" and qs.model_kind(str(tmp_path)) == "midi"
+    assert Path(qs.default_model(REPO)).resolve() == REPO / "models" / "midi-mini"  # no release weights here
 
 
 def test_run_names(tmp_path):
-    assert qs.suggest_name(tmp_path, tiny=True) == "tiny-lora"
+    assert qs.suggest_name(tmp_path, "tiny") == "tiny-lora" and qs.suggest_name(tmp_path, "mini") == "mini-lora"
     (tmp_path / "midi-lora").mkdir()
-    assert qs.suggest_name(tmp_path, tiny=False) == "midi-lora-2"
+    assert qs.suggest_name(tmp_path, "midi") == "midi-lora-2"
     assert qs.check_name("ok_1.2", tmp_path) == "ok_1.2"
     for bad, why in (("bad name", "a run name is"), ("-x", "a run name is"), ("midi-lora", "already exists")):
         with pytest.raises(InputError, match=why):
@@ -195,9 +199,12 @@ def test_interactive_run_plans_and_writes_the_config(tmp_path, monkeypatch, caps
     rc = qs.main(["--runs_dir", str(tmp_path / "runs"), "--max_steps", "3"], read=read)
     out = capsys.readouterr().out
     assert rc == 0, out
-    run = tmp_path / "runs" / "tiny-lora"
+    run = tmp_path / "runs" / "mini-lora"  # Enter: midi-mini, the default without release weights
     cfg = load_config(run / "config.yaml", environment=True)
+    assert Path(cfg.model.pretrained_model_name_or_path) == REPO / "models" / "midi-mini"
     assert (cfg.train.batch_size, cfg.lora.rank, cfg.model.gradient_checkpointing) == (4, 16, True)
+    scene = json.loads(next((run / "data" / "scenes").iterdir()).joinpath("scene.json").read_text())
+    assert "target" in json.dumps(scene)  # furniture, the domain midi-mini never saw
     assert cfg.lora.alpha == 16 and cfg.train.max_steps == 3 and Path(cfg.train.output_dir) == run
     assert Path(cfg.data.root) == run / "data" and (run / "data-check" / "check_report.json").is_file()
     assert "measured peak 13.00 GiB for a 16 GB budget" in (run / "config.yaml").read_text()
@@ -237,7 +244,8 @@ def test_help_lists_the_flags(capsys):
 def test_launcher_smoke_tiny_path_with_a_real_dry_run(tmp_path):
     """bash launcher -> python -m midi.quickstart -> one real dry run whose JSON report is read."""
     env = {**os.environ, "MIDI_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    child = pexpect.spawn("bash", [str(REPO / "quickstart_lora_training.sh"), "--yes", "--no_train", "--runs_dir",
+    child = pexpect.spawn("bash", [str(REPO / "quickstart_lora_training.sh"), "--yes", "--no_train", "--model", "tiny",
+                                   "--runs_dir",
                                    str(tmp_path / "runs"), "--num_synthetic", "2", "--gpus", "0",
                                    "--memory_gb", "16"], cwd=tmp_path, env=env, encoding="utf-8", timeout=120)
     child.expect(r"batch 4, rank 16, checkpointing off +[0-9.]+ GiB +[0-9.]+ s +yes  <- chosen")
