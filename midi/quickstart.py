@@ -44,7 +44,7 @@ from midi.errors import InputError, TrainingError, run_cli
 
 REPO_ROOT = memory_plan.REPO_ROOT
 # the base config of each kind of model: tiny (random, in-process), midi-mini (trained here), the release
-CONFIGS = {"tiny": "configs/train/tiny.yaml", "mini": "configs/train/mini_lora.yaml",
+CONFIGS = {TINY_MODEL: "configs/train/tiny.yaml", "mini": "configs/train/mini_lora.yaml",
            "midi": "configs/train/lora_finetune.yaml"}
 MINI_MODEL, MINI_DIR = "midi-mini", "models/midi-mini"  # the answer and the folder it stands for
 ACCELERATE_CONFIGS = {1: "configs/accelerate/single_gpu.yaml", 2: "configs/accelerate/multi_gpu.yaml"}
@@ -166,7 +166,7 @@ def check_model(answer: str) -> str:
 def model_kind(model: str) -> str:
     """``tiny``, ``mini`` (the shipped midi-mini) or ``midi`` (a release-size folder): picks the base config."""
     if is_tiny(model):
-        return "tiny"
+        return TINY_MODEL
     return "mini" if Path(model).resolve() == (REPO_ROOT / MINI_DIR).resolve() else "midi"
 
 
