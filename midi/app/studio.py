@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import random
@@ -50,6 +51,7 @@ Progress = Callable[[float, str], None]  # (fraction done, what runs now)
 DOWNLOAD_FORMATS = ("glb", "obj", "ply")
 MAX_LORAS_LISTED = 200
 PREVIEW_SIZE = 320
+SMALL_WIDTH = 256  # DiT widths up to this are small models (midi-mini: 128; the release: 2048)
 SETTING_LIMITS = {"steps": (1, 500), "octree_depth": (3, 10), "seed": (-1, 2**31 - 1)}
 
 
@@ -67,8 +69,18 @@ class Settings:
     @classmethod
     def defaults_for(cls, model: str) -> Settings:
         """The command line's defaults; the tiny model gets few steps and a coarse grid so that a
-        comparison takes seconds on a CPU (its shapes are meaningless anyway)."""
-        return cls(steps=8, octree_depth=5) if is_tiny(model) else cls()
+        comparison takes seconds on a CPU (its shapes are meaningless anyway), and a small trained
+        folder such as midi-mini (DiT width <= 256) the settings its model card measures with
+        (coarse-to-fine at depth 6 gives the dense grid's F-scores with 5.5x fewer decoder queries)."""
+        if is_tiny(model):
+            return cls(steps=8, octree_depth=5)
+        try:
+            width = json.loads((Path(model) / "transformer" / "config.json").read_text())["width"]
+        except (OSError, ValueError, KeyError, TypeError):
+            width = None
+        if isinstance(width, int) and width <= SMALL_WIDTH:
+            return cls(steps=25, guidance=4.0, method="coarse_to_fine", octree_depth=6)
+        return cls()
 
     def check(self) -> None:
         """InputError (one line, naming the setting) for values the page's controls would not allow."""

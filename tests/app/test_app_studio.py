@@ -102,6 +102,8 @@ def test_missing_inputs_and_lora_paths(studio, example, tmp_path, fast):
 def test_tiny_defaults_are_fast_and_release_defaults_are_the_clis():
     assert Settings.defaults_for(TINY_MODEL).steps < 20 and Settings.defaults_for(TINY_MODEL).octree_depth <= 6
     assert Settings.defaults_for("pretrained_weights/MIDI-3D") == Settings(steps=50, guidance=7.0, seed=42, octree_depth=8)
+    mini = Settings.defaults_for(str(EXAMPLES_DIR.parent / "models" / "midi-mini"))  # the card's settings
+    assert (mini.steps, mini.guidance, mini.method, mini.octree_depth) == (25, 4.0, "coarse_to_fine", 6)
 
 
 def test_loras_are_found_under_a_runs_folder(runs, lora, tmp_path):
