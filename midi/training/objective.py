@@ -152,8 +152,13 @@ class FlowMatchingModel(nn.Module):
     ) -> torch.Tensor:
         """Predicted velocity ``(R, T, C)`` for noisy latents; ``drop_rows`` zeroes both conditions."""
         embeds_1, embeds_2 = self.encode_conditions(batch)
-        embeds_1 = drop_conditions(embeds_1, drop_rows)
-        embeds_2 = drop_conditions(embeds_2, drop_rows)
+        return self.velocity(x_sigma, timestep, batch, drop_conditions(embeds_1, drop_rows),
+                             drop_conditions(embeds_2, drop_rows))
+
+    def velocity(self, x_sigma: torch.Tensor, timestep: torch.Tensor, batch: TrainBatch, embeds_1: torch.Tensor,
+                 embeds_2: torch.Tensor) -> torch.Tensor:
+        """The transformer's velocity ``(R, T, C)`` under given embeddings (CLIP ``(R, 1, C1)``, DINOv2
+        ``(R, T2, C2)``), with the batch's multi-instance grouping."""
         return self.transformer(
             x_sigma,
             timestep,
@@ -270,3 +275,48 @@ def validation_loss(
         total += float(per_row.sum())
         count += per_row.numel()
     return total, count
+
+
+CONDITION_VARIANTS = ("own", "shuffled", "none")
+
+
+def shifted_within_scenes(rows_per_scene: Sequence[int]) -> torch.Tensor:
+    """Row order giving each instance the next instance's conditions in its scene (a cyclic shift within
+    each scene; a one-instance scene keeps its own)."""
+    order, start = [], 0
+    for n in rows_per_scene:
+        order += [start + (i + 1) % n for i in range(n)]
+        start += n
+    return torch.tensor(order, dtype=torch.long)
+
+
+@torch.no_grad()
+def conditioning_losses(
+    model: FlowMatchingModel, vae, batch: TrainBatch, sigmas: Sequence[float], num_tokens: int, seed: int
+) -> dict[str, list[float]]:
+    """How much the model reads its image conditions: the loss of one batch, per sigma, with each instance's
+    own conditions, with another instance's of the same scene (:func:`shifted_within_scenes`) and with none
+    (zeros, classifier-free guidance's negative).
+
+    The three share the posterior mean and the noise of each sigma, as :func:`validation_loss` does, so
+    their differences come from the conditions alone: ``own`` < ``shuffled`` says the model tells the
+    instances of a scene apart by their images and masks, ``own`` < ``none`` that it uses the images at all.
+
+    Returns:
+        variant -> per sigma, the sum over rows of the per-row loss (divide by ``batch.num_rows``).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    x0 = encode_x0(vae, batch, num_tokens, sample_posterior=False, generator=generator)
+    embeds_1, embeds_2 = model.encode_conditions(batch)
+    shift = shifted_within_scenes(batch.rows_per_scene).to(embeds_1.device)
+    variants = {"own": (embeds_1, embeds_2), "shuffled": (embeds_1[shift], embeds_2[shift]),
+                "none": (torch.zeros_like(embeds_1), torch.zeros_like(embeds_2))}
+    sums: dict[str, list[float]] = {name: [] for name in CONDITION_VARIANTS}
+    for sigma in sigmas:
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
+        sigma_rows = torch.full((batch.num_rows,), float(sigma), device=x0.device)
+        x_sigma = make_noisy_latents(x0, noise, sigma_rows)
+        for name, (e1, e2) in variants.items():
+            pred = model.velocity(x_sigma, NUM_TRAIN_TIMESTEPS * sigma_rows, batch, e1, e2)
+            sums[name].append(float((pred.float() - flow_target(x0, noise)).pow(2).mean(dim=(1, 2)).sum()))
+    return sums

@@ -16,6 +16,8 @@ from midi.schedulers.scheduling_rectified_flow import RectifiedFlowScheduler, co
 from midi.training.batches import TrainBatch
 from midi.training.objective import (
     NUM_TRAIN_TIMESTEPS,
+    FlowMatchingModel,
+    conditioning_losses,
     drop_conditions,
     encode_x0,
     flow_matching_loss,
@@ -23,7 +25,9 @@ from midi.training.objective import (
     make_noisy_latents,
     repeat_per_scene,
     sample_scene_sigmas,
+    shifted_within_scenes,
     training_step,
+    validation_loss,
 )
 
 
@@ -234,6 +238,35 @@ def test_x0_is_seeded_and_fresh_per_draw(tiny_pipe):
     assert not torch.allclose(a, c)
     mean = encode_x0(tiny_pipe.vae, batch, 64, False, torch.Generator().manual_seed(0))
     assert a.shape == mean.shape == (2, 64, 8)
+
+
+def test_shifted_conditions_stay_inside_their_scene():
+    assert shifted_within_scenes([3, 1, 2]).tolist() == [1, 2, 0, 3, 5, 4]
+
+
+def _cached_batch(pipe, rows) -> TrainBatch:
+    """A batch as the feature cache gives it: posteriors and embeddings, a different condition per row."""
+    total, t = sum(rows), pipe.transformer.config
+    g = torch.Generator().manual_seed(0)
+    posterior = torch.cat([torch.randn(total, t.width, t.in_channels, generator=g),
+                           torch.full((total, t.width, t.in_channels), -30.0)], -1)
+    return TrainBatch([f"s{i}" for i in range(len(rows))], list(rows), list(rows), posterior=posterior,
+                      embeds_1=torch.randn(total, 1, t.cross_attention_dim, generator=g),
+                      embeds_2=torch.randn(total, 5, t.cross_attention_2_dim, generator=g))
+
+
+def test_conditioning_losses_own_is_the_validation_loss_and_shuffling_changes_it(tiny_pipe):
+    model, sigmas = FlowMatchingModel(tiny_pipe).eval(), [0.3, 0.9]
+    width = tiny_pipe.transformer.config.width
+    batch = _cached_batch(tiny_pipe, [2, 3])
+    sums = conditioning_losses(model, tiny_pipe.vae, batch, sigmas, width, seed=7)
+    total, count = validation_loss(model, tiny_pipe.vae, batch, sigmas, width, seed=7)
+    assert sum(sums["own"]) == pytest.approx(total, rel=1e-6) and count == len(sigmas) * batch.num_rows
+    assert all(abs(a - b) > 1e-6 for a, b in zip(sums["own"], sums["shuffled"]))
+    assert all(abs(a - b) > 1e-6 for a, b in zip(sums["own"], sums["none"]))
+    # One instance per scene: nothing to shuffle, so own and shuffled are the same numbers.
+    single = conditioning_losses(model, tiny_pipe.vae, _cached_batch(tiny_pipe, [1, 1]), sigmas, width, seed=7)
+    assert single["own"] == single["shuffled"]
 
 
 # ----------------------------------------------------------------------------- slow: real overfit
