@@ -29,6 +29,7 @@ import argparse
 import torch
 
 from midi.config_load import load_config
+from midi.errors import run_cli
 from midi.inference.generation import ModelOptions, build_pipeline
 from midi.training.batches import (
     Collator,
@@ -99,4 +100,5 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    main()
+    # One-line errors (a missing metrics.json, a bad config key), never a traceback.
+    sys.exit(run_cli(lambda argv: (main(argv), 0)[1]))

@@ -26,6 +26,7 @@ import json
 import numpy as np
 
 from midi.data.dataset import open_dataset
+from midi.errors import run_cli
 from midi.evaluation.predictions import EvalError, find_scene_file, load_truth, predict_from_file
 
 
@@ -71,4 +72,5 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
 
 
 if __name__ == "__main__":
-    main()
+    # One-line errors (a missing metrics.json, a bad config key), never a traceback.
+    sys.exit(run_cli(lambda argv: (main(argv), 0)[1]))
